@@ -8,10 +8,11 @@ CONFIG ?= configs/demo.py
 
 .PHONY: install install-dev data demo test
 
-$(VENV)/.runtime: requirements.txt requirements-assets.txt
+$(VENV)/.runtime: requirements.txt requirements-assets.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps -r requirements-assets.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt

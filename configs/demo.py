@@ -1,0 +1,47 @@
+"""The embedded demo: GRASP on long-tailed Fashion-MNIST (NIH ChestX-ray14 class profile), CPU.
+
+Command:  python -m grasp_jax.main --config=configs/demo.py --workdir=workdir/demo
+Variants: configs/demo.py:method=full | lora | selora | moe, backbone=dit, smoke (tests: seconds).
+Hardware: 2 CPU cores; the whole run (pretrain the small base, fine-tune, sample, evaluate)
+is sized for <= 10 minutes.
+Expected: WORKDIR/partition.json, base/ (the pretrained base as a diffusers folder),
+checkpoints/, samples/<class>/*.png, results.json with per-group metrics, export/.
+The images are Fashion-MNIST, not medical; only the class-frequency profile is clinical.
+"""
+from configs import common
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, backbone="unet", method="grasp", smoke=False, seed=0)
+  c = common.base_config()
+  c.seed = arg.seed
+  c.data.image_size = 32
+  c.data.channels = 1
+  c.data.batch_size = 32
+  c.data.balance = "cluster"
+  c.model.backbone = arg.backbone
+  c.method = common.method_config(arg.method, num_clusters=c.partition.k, rank=8)
+  if arg.backbone == "dit":
+    c.diffusion.objective = "flow"
+    c.sample.sampler = "euler"
+    c.sample.steps = 28
+  c.model.base_steps = 1500
+  c.train.steps = 600
+  c.optim.learning_rate = 3e-4 if arg.method != "full" else 1e-4
+  c.train.log_every = 50
+  c.train.checkpoint_every = 200
+  c.sample.per_class = 32
+  c.sample.steps = 25 if arg.backbone == "unet" else c.sample.steps
+  c.eval.real_per_class = 32
+  if arg.smoke:
+    c.data.batch_size = 8
+    c.model.base_steps = 4
+    c.train.steps = 4
+    c.train.log_every = 2
+    c.train.checkpoint_every = 2
+    c.sample.per_class = 2
+    c.sample.steps = 2
+    c.eval.real_per_class = 2
+    c.eval.inception = False
+    c.eval.classifier_steps = 2
+  return c
