@@ -36,7 +36,7 @@ _TRANSFORMERS = {
 
 # PyTorch ModuleList attribute names: `resnets_0` <-> `resnets.0` (but `linear_1` stays).
 _LIST_ITEM = re.compile(r"(down_blocks|up_blocks|attentions|resnets|downsamplers|upsamplers|"
-                        r"transformer_blocks|net|layers|to_out)_(\d+)")
+                        r"transformer_blocks|net|layers|layer|to_out)_(\d+)")
 
 
 class CheckpointMismatchError(ValueError):
