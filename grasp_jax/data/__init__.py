@@ -1,0 +1,1 @@
+"""Data: TFDS builders (grasp_jax.data.builders) and the grain input pipeline (pipeline)."""
