@@ -58,6 +58,12 @@ class _Unpickler(pickle.Unpickler):
     self._prefix = prefix
     self._path = path
     self._storages = {}
+    # Archives written before torch recorded it are little-endian.
+    record = f"{prefix}/byteorder"
+    order = archive.read(record).decode() if record in archive.namelist() else "little"
+    if order not in ("little", "big"):
+      raise pickle.UnpicklingError(f"{path}: unknown byteorder {order!r}")
+    self._byteorder = "<" if order == "little" else ">"
 
   def find_class(self, module, name):
     if module == "torch._utils" and name == "_rebuild_tensor_v2":
@@ -83,7 +89,7 @@ class _Unpickler(pickle.Unpickler):
         raw = self._archive.read(record)
       except KeyError:
         raise pickle.UnpicklingError(f"{self._path}: missing tensor record {record}") from None
-      dtype = np.dtype(_STORAGE_DTYPES[tag]).newbyteorder("<")
+      dtype = np.dtype(_STORAGE_DTYPES[tag]).newbyteorder(self._byteorder)
       if len(raw) < numel * dtype.itemsize:
         raise pickle.UnpicklingError(
             f"{self._path}: record {record} has {len(raw)} bytes, expected {numel} x {dtype}")
@@ -92,11 +98,10 @@ class _Unpickler(pickle.Unpickler):
 
   def _rebuild_tensor(self, storage, offset, size, stride, *unused_grad_hooks_metadata):
     size, stride = tuple(size), tuple(stride)
-    if not size:
-      return storage[offset].copy()
-    # Bounds-check the view: strides come from the file and as_strided does not check them.
-    if (offset < 0 or any(s < 0 for s in size + stride) or
-        (0 not in size and offset + sum((n - 1) * s for n, s in zip(size, stride)) >= storage.size)):
+    # Bounds-check the view: the file sets it, and as_strided would read past the buffer.
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+    if (len(size) != len(stride) or offset < 0 or any(v < 0 for v in size + stride) or
+        (0 not in size and last >= storage.size)):
       raise pickle.UnpicklingError(
           f"{self._path}: tensor view (offset={offset}, size={size}, stride={stride}) exceeds its "
           f"storage of {storage.size} elements")

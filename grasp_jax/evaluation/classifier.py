@@ -1,0 +1,305 @@
+"""Downstream classifier: a DenseNet-121-family network in Flax, its training loop and metrics.
+
+GRASP's downstream check trains a DenseNet on real and/or synthetic images and reports macro-F1,
+balanced accuracy, per-class F1 and how many classes get a nonzero F1. The same network is the
+domain feature extractor (`Classifier.features`: penultimate pooled features) for FID on domain
+features and the encoder phi of the feature-level method (grasp_jax/features).
+
+  model = classifier.densenet(num_classes=10, **classifier.TINY)   # CPU-sized member
+  clf = classifier.train(model, images, labels, steps=500)         # images [N,H,W,C] in [-1, 1]
+  metrics = classifier.classification_metrics(test_labels, clf.predict(test_images), 10, groups)
+
+Images are float in [-1, 1] (uint8 arrays are rescaled on the way in).
+"""
+from typing import Callable, Mapping, Sequence
+
+from absl import logging
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+# DenseNet-121 (Huang et al. 2017; torchvision's layout): the paper's downstream network.
+DENSENET121 = dict(growth_rate=32, block_config=(6, 12, 24, 16), num_init_features=64)
+# A member that trains in minutes on 2 CPU cores at 28-32 px: 67-d features.
+TINY = dict(growth_rate=12, block_config=(3, 3, 3), num_init_features=16, small_input=True)
+
+_CONV_AXES = (None, None, "conv_in", "conv_out")
+
+
+def _conv(features, kernel, strides=1, name=None):
+  return nn.Conv(features, (kernel, kernel), strides=strides, padding=kernel // 2, use_bias=False,
+                 kernel_init=nn.with_logical_partitioning(
+                     nn.initializers.kaiming_normal(), _CONV_AXES), name=name)
+
+
+def _norm(train, name=None):
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
+                      name=name)
+
+
+class DenseLayer(nn.Module):
+  """BN-ReLU-Conv1x1 (bottleneck) - BN-ReLU-Conv3x3; the output is concatenated to the input."""
+  growth_rate: int
+  bn_size: int
+
+  @nn.compact
+  def __call__(self, x, train):
+    h = _conv(self.bn_size * self.growth_rate, 1, name="conv1")(nn.relu(_norm(train, "norm1")(x)))
+    h = _conv(self.growth_rate, 3, name="conv2")(nn.relu(_norm(train, "norm2")(h)))
+    return jnp.concatenate([x, h], axis=-1)
+
+
+class DenseNet(nn.Module):
+  """DenseNet with configurable growth rate, block configuration and stem.
+
+  small_input: 3x3 stem without pooling (28-32 px images) instead of the ImageNet stem (7x7/2
+    conv and 3x3/2 max-pool).
+  `__call__(x, train)` -> logits [B, num_classes]; with `return_features` also the pooled
+  penultimate features [B, F].
+  """
+  num_classes: int
+  growth_rate: int = 32
+  block_config: Sequence[int] = (6, 12, 24, 16)
+  num_init_features: int = 64
+  bn_size: int = 4
+  compression: float = 0.5
+  small_input: bool = False
+
+  @nn.compact
+  def __call__(self, x, train=False, return_features=False):
+    if self.small_input:
+      x = _conv(self.num_init_features, 3, name="conv0")(x)
+    else:
+      x = _conv(self.num_init_features, 7, strides=2, name="conv0")(x)
+      x = nn.relu(_norm(train, "norm0")(x))
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    for b, num_layers in enumerate(self.block_config):
+      for i in range(num_layers):
+        x = DenseLayer(self.growth_rate, self.bn_size, name=f"block{b}_layer{i}")(x, train)
+      if b < len(self.block_config) - 1:  # Transition: halve channels and resolution.
+        x = nn.relu(_norm(train, f"transition{b}_norm")(x))
+        x = _conv(int(x.shape[-1] * self.compression), 1, name=f"transition{b}_conv")(x)
+        x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+    x = nn.relu(_norm(train, "norm_final")(x))
+    features = jnp.mean(x, axis=(1, 2))
+    logits = nn.Dense(self.num_classes, name="head",
+                      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                               (None, None)),
+                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)))(
+                          features)
+    return (logits, features) if return_features else logits
+
+
+def densenet(num_classes, **kwargs) -> DenseNet:
+  """A DenseNet; `densenet(c, **DENSENET121)` is DenseNet-121, `densenet(c, **TINY)` the CPU one."""
+  return DenseNet(num_classes=num_classes, **kwargs)
+
+
+def to_model_input(images) -> np.ndarray:
+  """[N, H, W, C] uint8 (0..255) or float in [-1, 1] -> float32 in [-1, 1]."""
+  images = np.asarray(images)
+  if images.ndim != 4:
+    raise ValueError(f"images must be [N, H, W, C], got shape {images.shape}")
+  if images.dtype == np.uint8:
+    return images.astype(np.float32) / 127.5 - 1.0
+  images = images.astype(np.float32)
+  if images.size and (images.min() < -1.001 or images.max() > 1.001):
+    raise ValueError(f"float images must lie in [-1, 1], got range "
+                     f"[{images.min():.3f}, {images.max():.3f}]")
+  return images
+
+
+def cross_entropy(logits, labels, weights, step):
+  """Weighted mean softmax cross-entropy, sum_i w_i l_i / sum_i w_i (torch's weighted mean).
+
+  The common loss signature `(logits [B, C], labels [B], weights [B], step) -> scalar` is shared
+  with grasp_jax.features.losses so any cost-sensitive loss can train this classifier.
+  """
+  del step
+  per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  return jnp.sum(weights * per_example) / jnp.maximum(jnp.sum(weights), 1e-12)
+
+
+class Classifier:
+  """A trained network: batched, jitted inference on numpy arrays."""
+
+  def __init__(self, model: DenseNet, variables):
+    self.model = model
+    self.variables = variables
+    self._forward = jax.jit(lambda v, x: model.apply(v, x, train=False, return_features=True))
+
+  def _run(self, images, batch_size):
+    images = to_model_input(images)
+    logits, feats = [], []
+    for i in range(0, len(images), batch_size):
+      chunk = images[i:i + batch_size]
+      n = len(chunk)
+      if n < batch_size and len(images) > batch_size:  # Pad: one compiled shape.
+        chunk = np.concatenate([chunk, np.zeros((batch_size - n,) + chunk.shape[1:], chunk.dtype)])
+      lo, fe = self._forward(self.variables, chunk)
+      logits.append(np.asarray(lo)[:n])
+      feats.append(np.asarray(fe)[:n])
+    if not logits:
+      return (np.zeros((0, self.model.num_classes), np.float32),
+              np.zeros((0, self.feature_dim), np.float32))
+    return np.concatenate(logits), np.concatenate(feats)
+
+  @property
+  def feature_dim(self) -> int:
+    return self.variables["params"]["head"]["kernel"].shape[0]
+
+  def logits(self, images, batch_size=256) -> np.ndarray:
+    return self._run(images, batch_size)[0]
+
+  def features(self, images, batch_size=256) -> np.ndarray:
+    """Penultimate pooled features [N, F] (the domain features / the encoder phi)."""
+    return self._run(images, batch_size)[1]
+
+  def predict(self, images, batch_size=256) -> np.ndarray:
+    return np.argmax(self.logits(images, batch_size), axis=-1)
+
+  def head_logits(self, features) -> np.ndarray:
+    """The final linear layer applied to given features [N, F] (e.g. synthetic ones)."""
+    head = self.variables["params"]["head"]
+    return np.asarray(features, np.float32) @ np.asarray(head["kernel"]) + np.asarray(head["bias"])
+
+
+def _batch_indices(rng, num_real, num_extra, batch_size, extra_fraction):
+  n_extra = int(round(batch_size * extra_fraction)) if num_extra else 0
+  real = rng.integers(0, num_real, batch_size - n_extra)
+  extra = num_real + rng.integers(0, num_extra, n_extra) if n_extra else real[:0]
+  return np.concatenate([real, extra])
+
+
+def train(model: DenseNet, images, labels, *, steps: int, batch_size: int = 64,
+          learning_rate: float = 1e-3, seed: int = 0,
+          loss_fn: Callable = cross_entropy, extra=None, extra_fraction: float = 0.5,
+          flip: bool = True, log_every: int = 0, writer=None, prefix: str = "classifier"
+          ) -> Classifier:
+  """Trains `model` with Adam on numpy arrays; deterministic given `seed`.
+
+  images: [N, H, W, C] float in [-1, 1] (or uint8); labels: int [N].
+  loss_fn: `(logits, labels, weights, step) -> scalar` (cross-entropy by default; any loss of
+    grasp_jax.features.losses).
+  extra: an optional second source `(images, labels)` (e.g. GRASP-generated images); every
+    minibatch then holds round(batch_size * extra_fraction) of its samples.
+  flip: random horizontal flips (per sample, from the seed).
+  writer: a CLU metric writer for the training loss every `log_every` steps (`prefix/loss`).
+  """
+  images = to_model_input(images)
+  labels = np.asarray(labels, np.int32)
+  if len(images) != len(labels) or not len(images):
+    raise ValueError(f"{len(images)} images and {len(labels)} labels: need equal, nonzero counts")
+  num_extra = 0
+  if extra is not None:
+    extra_images, extra_labels = to_model_input(extra[0]), np.asarray(extra[1], np.int32)
+    if len(extra_images) != len(extra_labels):
+      raise ValueError(f"extra source: {len(extra_images)} images, {len(extra_labels)} labels")
+    if extra_images.shape[1:] != images.shape[1:]:
+      raise ValueError(f"extra images have shape {extra_images.shape[1:]}, real ones "
+                       f"{images.shape[1:]}")
+    if not 0.0 <= extra_fraction <= 1.0:
+      raise ValueError(f"extra_fraction={extra_fraction} must lie in [0, 1]")
+    num_extra = len(extra_images)
+    images = np.concatenate([images, extra_images])
+    labels = np.concatenate([labels, extra_labels])
+  if labels.min() < 0 or labels.max() >= model.num_classes:
+    raise ValueError(f"labels must lie in [0, {model.num_classes}), got "
+                     f"[{labels.min()}, {labels.max()}]")
+
+  key = jax.random.PRNGKey(seed)
+  init_key, flip_key = jax.random.split(key)
+  variables = nn.unbox(model.init(init_key, jnp.asarray(images[:1]), train=False))
+  params, batch_stats = variables["params"], variables["batch_stats"]
+  tx = optax.adam(learning_rate)
+  opt_state = tx.init(params)
+  images_dev, labels_dev = jnp.asarray(images), jnp.asarray(labels)
+
+  @jax.jit
+  def step_fn(params, batch_stats, opt_state, idx, step):
+    x, y = images_dev[idx], labels_dev[idx]
+    if flip:
+      mirror = jax.random.bernoulli(jax.random.fold_in(flip_key, step), 0.5, (x.shape[0],))
+      x = jnp.where(mirror[:, None, None, None], x[:, :, ::-1], x)
+
+    def loss(p):
+      logits, updates = model.apply({"params": p, "batch_stats": batch_stats}, x, train=True,
+                                    mutable=["batch_stats"])
+      return loss_fn(logits, y, jnp.ones(y.shape, jnp.float32), step), updates
+
+    (value, updates), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    grads_, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, grads_), updates["batch_stats"], opt_state, value
+
+  rng = np.random.default_rng(seed)
+  num_real = len(images) - num_extra
+  for step in range(steps):
+    idx = _batch_indices(rng, num_real, num_extra, batch_size, extra_fraction)
+    params, batch_stats, opt_state, value = step_fn(params, batch_stats, opt_state,
+                                                    jnp.asarray(idx), step)
+    if log_every and (step + 1) % log_every == 0:
+      value = float(value)
+      logging.info("%s step %d/%d loss %.4f", prefix, step + 1, steps, value)
+      if writer is not None:
+        writer.write_scalars(step + 1, {f"{prefix}/loss": value})
+  return Classifier(model, {"params": params, "batch_stats": batch_stats})
+
+
+def per_class_f1(labels, preds, num_classes) -> np.ndarray:
+  """F1 per class (0 where a class has neither true nor predicted samples, as scikit-learn)."""
+  labels, preds = np.asarray(labels), np.asarray(preds)
+  tp = np.bincount(labels[labels == preds], minlength=num_classes).astype(np.float64)
+  true = np.bincount(labels, minlength=num_classes).astype(np.float64)
+  pred = np.bincount(preds, minlength=num_classes).astype(np.float64)
+  denom = true + pred
+  return np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
+
+
+def classification_metrics(labels, preds, num_classes: int,
+                           groups: Mapping[str, Sequence[int]] | None = None,
+                           class_names: Sequence[str] | None = None) -> dict:
+  """Accuracy, macro-F1, balanced accuracy, per-class F1 and nonzero-F1 count; per group too.
+
+  A group's numbers are over the test samples of its classes: accuracy of those samples,
+  macro-F1 and balanced accuracy (mean recall) over its classes, F1 being the global per-class
+  F1 (predictions into other groups count as errors).
+  """
+  labels = np.asarray(labels, np.int64)
+  preds = np.asarray(preds, np.int64)
+  if labels.shape != preds.shape or labels.ndim != 1 or not len(labels):
+    raise ValueError(f"labels {labels.shape} and preds {preds.shape} must be equal 1-d shapes")
+  for name, y in (("labels", labels), ("preds", preds)):
+    if y.min() < 0 or y.max() >= num_classes:
+      raise ValueError(f"{name} must lie in [0, {num_classes}), got [{y.min()}, {y.max()}]")
+  names = list(class_names) if class_names is not None else [str(c) for c in range(num_classes)]
+  f1 = per_class_f1(labels, preds, num_classes)
+  true = np.bincount(labels, minlength=num_classes)
+  recall = np.bincount(labels[labels == preds], minlength=num_classes) / np.maximum(true, 1)
+  present = true > 0
+  out = {
+      "num_samples": int(len(labels)),
+      "accuracy": float(np.mean(labels == preds)),
+      "macro_f1": float(np.mean(f1[present | (np.bincount(preds, minlength=num_classes) > 0)])),
+      "balanced_accuracy": float(np.mean(recall[present])),
+      "nonzero_f1_classes": int(np.sum(f1 > 0)),
+      "per_class_f1": {n: float(v) for n, v in zip(names, f1)},
+      "per_class_recall": {n: float(v) for n, v in zip(names, recall)},
+  }
+  out["groups"] = {}
+  for group, members in (groups or {}).items():
+    members = np.asarray(members, np.int64)
+    mask = np.isin(labels, members)
+    kept = members[present[members]]
+    out["groups"][group] = {
+        "num_classes": int(len(members)),
+        "num_samples": int(mask.sum()),
+        "accuracy": float(np.mean(labels[mask] == preds[mask])) if mask.any() else float("nan"),
+        "macro_f1": float(np.mean(f1[members])) if len(members) else float("nan"),
+        "balanced_accuracy": float(np.mean(recall[kept])) if len(kept) else float("nan"),
+        "nonzero_f1_classes": int(np.sum(f1[members] > 0)),
+    }
+  return out
