@@ -63,3 +63,65 @@ class _GatedGELU(nn.Module):
       h, gate = jnp.split(h, 2, axis=-1)
       return h * jax.nn.gelu(gate, approximate=False)
     return jax.nn.gelu(h, approximate=self.activation == "gelu-approximate")
+
+
+def layer_norm(eps, dtype, name):
+  """nn.LayerNorm with exact (two-pass) variance, as torch computes it, and logical axis names."""
+  return nn.LayerNorm(epsilon=eps, use_fast_variance=False, dtype=dtype, name=name,
+                      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
+
+
+class Attention(nn.Module):
+  """diffusers `Attention` (to_q, to_k, to_v, to_out.0): self-, or cross-attention on `context`."""
+  heads: int
+  dim_head: int
+  upcast: bool = False
+  qkv_bias: bool = False
+  adapter: adapters.AdapterConfig = adapters.AdapterConfig()
+  dtype: jnp.dtype | None = None
+
+  @nn.compact
+  def __call__(self, x, context=None):
+    context = x if context is None else context
+    inner = self.heads * self.dim_head
+
+    def dense(features, axes, use_bias, name):
+      return adapters.Dense(features, use_bias=use_bias, kernel_axes=axes, adapter=self.adapter,
+                            dtype=self.dtype, name=name)
+
+    q = dense(inner, ("embed", "heads"), self.qkv_bias, "to_q")(x)
+    k = dense(inner, ("embed", "heads"), self.qkv_bias, "to_k")(context)
+    v = dense(inner, ("embed", "heads"), self.qkv_bias, "to_v")(context)
+    out = dot_product_attention(q, k, v, self.heads, upcast=self.upcast)
+    return dense(x.shape[-1], ("heads", "embed"), True, "to_out_0")(out)
+
+
+class BasicTransformerBlock(nn.Module):
+  """diffusers BasicTransformerBlock (layer_norm type): self-attn, cross-attn, feed-forward.
+
+  Parameters: norm1, attn1, norm2, attn2 (only with `cross_attention`), norm3, ff.
+  `cluster_ids` goes to the feed-forward adapter site; None reproduces the base block.
+  """
+  heads: int
+  dim_head: int
+  cross_attention: bool = True
+  upcast: bool = False
+  activation: str = "geglu"
+  norm_eps: float = 1e-5
+  adapter: adapters.AdapterConfig = adapters.AdapterConfig()
+  dtype: jnp.dtype | None = None
+
+  @nn.compact
+  def __call__(self, x, context=None, cluster_ids=None):
+    def attn(name):
+      return Attention(self.heads, self.dim_head, upcast=self.upcast, adapter=self.adapter,
+                       dtype=self.dtype, name=name)
+
+    x = x + attn("attn1")(layer_norm(self.norm_eps, self.dtype, "norm1")(x))
+    if self.cross_attention:
+      if context is None:
+        raise ValueError("BasicTransformerBlock with cross_attention needs `context`")
+      x = x + attn("attn2")(layer_norm(self.norm_eps, self.dtype, "norm2")(x), context)
+    ff = FeedForward(activation=self.activation, adapter=self.adapter, dtype=self.dtype, name="ff")
+    return x + ff(layer_norm(self.norm_eps, self.dtype, "norm3")(x), cluster_ids)
