@@ -94,7 +94,7 @@ def base_config():
 
   c.diffusion = mlc.ConfigDict()
   c.diffusion.objective = "eps"  # 'eps', 'v' (UNet) or 'flow' (MMDiT).
-  c.diffusion.schedule = "scaled_linear"
+  c.diffusion.schedule = "linear"  # DDPM betas 1e-4..0.02 (a pretrained folder brings its own).
   c.diffusion.num_train_timesteps = 1000
   c.diffusion.cfg_dropout = 0.1
   c.diffusion.min_snr_gamma = 0.0  # 0 = off.

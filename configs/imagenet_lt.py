@@ -13,7 +13,7 @@ from configs import mimic
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, backbone="dit", method="grasp", resolution=256)
-  c = mimic.get_config(f"backbone={arg.backbone},method={arg.method},dataset=imagenet_lt,"
+  c = mimic.get_config(f"backbone={arg.backbone},method={arg.method},dataset=imagenet_lt_t2i,builder_config=,"
                        f"resolution={arg.resolution},k=3")
   c.partition.strategy = "frequency"
   c.partition.thresholds = "100,20"  # ImageNet-LT shots: many > 100, few < 20.

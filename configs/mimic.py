@@ -14,7 +14,7 @@ from configs import common
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, backbone="unet", method="grasp", dataset="mimic_cxr_lt",
-                         builder_config="", resolution=512, k=4)
+                         builder_config="cxr_lt_2022", resolution=512, k=4)
   c = common.base_config()
   c.data.name = arg.dataset
   c.data.config = arg.builder_config
@@ -22,7 +22,7 @@ def get_config(arg=None):
   c.data.channels = 3
   c.data.batch_size = 64
   c.data.train_split = "train"
-  c.data.eval_split = "balanced-test"
+  c.data.eval_split = "balanced_test"
   c.data.balance = "cluster"
   c.partition.strategy = "healthy+frequency"
   c.partition.k = arg.k

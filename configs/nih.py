@@ -14,6 +14,6 @@ from configs import mimic
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, backbone="unet", method="grasp", resolution=512, k=4)
-  c = mimic.get_config(f"backbone={arg.backbone},method={arg.method},dataset=nih_cxr_lt,"
+  c = mimic.get_config(f"backbone={arg.backbone},method={arg.method},dataset=nih_cxr_lt,builder_config=,"
                        f"resolution={arg.resolution},k={arg.k}")
   return c

@@ -1,0 +1,232 @@
+"""Builds what one run trains from its config: data, partition, text conditioning, model, loss.
+
+The trainer (train.py) only sees an `Experiment`: `init_variables`, `load_base`, `loss_fn`,
+`train_iterator`, `device_batch` and `partition`. Model parameters come from a diffusers folder
+(`config.model.pretrained`), or — for the embedded demo, where no weights can be downloaded — from
+a small base trained here first and cached in WORKDIR/base in the same diffusers layout.
+"""
+import dataclasses
+import importlib
+import json
+import os
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tensorflow_datasets as tfds
+
+from grasp_jax import checkpoint
+from grasp_jax import partition as partition_lib
+from grasp_jax.data import pipeline
+from grasp_jax.diffusion import objectives
+from grasp_jax.diffusion import schedules
+from grasp_jax.models import adapters
+from grasp_jax.models import convert
+from grasp_jax.models import text
+
+import grasp_jax.data.builders  # noqa: F401  (registers the TFDS builders)
+
+_SUBFOLDER = {"unet": "unet", "dit": "transformer"}
+_MODEL_LIB = {"unet": "grasp_jax.models.unet", "dit": "grasp_jax.models.dit"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Data and partition.
+
+def prepare_data(config):
+  """Builds (if needed) the TFDS dataset; returns the builder."""
+  builder = tfds.builder(config.data.name, config=config.data.config or None,
+                         data_dir=config.data.data_dir or None)
+  download_config = tfds.download.DownloadConfig(manual_dir=config.data.manual_dir or None)
+  builder.download_and_prepare(download_config=download_config)
+  return builder
+
+
+def load_or_build_partition(config, workdir, builder):
+  """WORKDIR/partition.json is the one source of cluster ids; built once from the train split."""
+  path = os.path.join(workdir, "partition.json")
+  class_names, class_counts = pipeline.dataset_class_counts(builder, config.data.train_split)
+  if os.path.exists(path):
+    part = partition_lib.Partition.load(path)
+    if tuple(part.class_names) != tuple(class_names):
+      raise ValueError(f"{path} was built for classes {part.class_names}, but "
+                       f"{config.data.name} has {class_names}; use a fresh workdir")
+    return part
+  p = config.partition
+  thresholds = tuple(int(t) for t in p.thresholds.split(",")) if p.thresholds else None
+  part = partition_lib.build_partition(
+      class_names, class_counts, strategy=p.strategy,
+      k=None if thresholds else p.k, thresholds=thresholds,
+      groups=partition_lib.load_groups(p.groups) if p.groups else None, healthy=p.healthy)
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    part.save(path)
+  return part
+
+
+# ---------------------------------------------------------------------------------------------
+# Text conditioning.
+
+def text_conditioner(config, workdir):
+  """A cached prompt encoder: prompts -> {'context': [B, L, D], 'pooled': [B, D]}."""
+  if config.text.encoder != "minilm":
+    raise NotImplementedError(f"config.text.encoder={config.text.encoder!r}: only 'minilm' is "
+                              "wired into the trainer so far")
+  encoder = text.load_minilm()
+
+  def encode(prompts):
+    pooled = encoder.encode(list(prompts))
+    return {"context": pooled[:, None, :], "pooled": pooled}
+
+  return text.TextEmbeddingCache.load(os.path.join(workdir, "text_cache.npz"), encode,
+                                      tag="minilm", missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model.
+
+def adapter_config(config):
+  m = config.method
+  return adapters.AdapterConfig(method=m.adapter, num_clusters=m.num_clusters, rank=m.rank,
+                                moe_mode=m.moe_mode)
+
+
+def base_folder(config, workdir):
+  """The diffusers folder holding the frozen base model."""
+  if not config.model.pretrained:
+    return os.path.join(workdir, "base")
+  sub = os.path.join(config.model.pretrained, _SUBFOLDER[config.model.backbone])
+  return sub if os.path.isdir(sub) else config.model.pretrained
+
+
+def model_fn_for(module, backbone):
+  """Adapts a backbone's call convention to `model_fn(x_t, t, cond, cluster_ids)`."""
+  def model_fn(variables, x_t, t, cond, cluster_ids):
+    kwargs = dict(cluster_ids=cluster_ids, mutable=["intermediates", "losses"])
+    if backbone == "unet":
+      return module.apply(variables, x_t, t, cond["context"], **kwargs)
+    return module.apply(variables, x_t, cond["context"], cond["pooled"], t, **kwargs)
+  return model_fn
+
+
+@dataclasses.dataclass
+class Experiment:
+  config: Any
+  workdir: str
+  builder: Any
+  partition: partition_lib.Partition
+  conditioner: Any
+  module: Any
+  lib: Any  # The backbone's module file (from_config, example_inputs).
+  base_params: Any  # Frozen base params (numpy), or None when training from scratch.
+  base_hash: str
+  schedule: Any
+  null_cond: Any  # The empty prompt's condition (classifier-free guidance), leaves [L, D] / [D].
+
+  # --- what the trainer calls -----------------------------------------------------------------
+
+  def init_variables(self, rng):
+    """All variables (base + adapters), initialised through the call that training makes."""
+    c = self.config
+    x = jnp.zeros((1, c.data.image_size, c.data.image_size, c.data.channels))
+    cond = jax.tree.map(lambda v: jnp.asarray(v)[None], self.null_cond)
+    if c.model.backbone == "unet":
+      return self.module.init(rng, x, jnp.zeros((1,), jnp.int32), cond["context"],
+                              cluster_ids=jnp.zeros((1,), jnp.int32))
+    return self.module.init(rng, x, cond["context"], cond["pooled"], jnp.zeros((1,)),
+                            cluster_ids=jnp.zeros((1,), jnp.int32))
+
+  def load_base(self, params, shardings):
+    """Replaces the initialised base leaves by the checkpoint's (adapters keep their init)."""
+    if self.base_params is None:
+      return params
+    base = jax.tree.map(lambda a, s: jax.device_put(a, s), self.base_params,
+                        _subtree(shardings, self.base_params))
+    return _overlay(params, base)
+
+  def train_iterator(self):
+    c = self.config
+    return iter(pipeline.make_dataset(
+        self.builder, c.data.train_split, batch_size=c.data.batch_size // jax.process_count(),
+        image_size=c.data.image_size, channels=c.data.channels, partition=self.partition,
+        seed=c.seed, shuffle=True, balance=c.data.balance or None))
+
+  def device_batch(self, host_batch):
+    """Host batch (numpy, with prompt strings) -> arrays for the step, text embedded."""
+    prompts = [p.decode() if isinstance(p, bytes) else str(p) for p in host_batch["prompt"]]
+    return {"image": host_batch["image"].astype(np.float32),
+            "cluster_id": host_batch["cluster_id"].astype(np.int32),
+            "label": host_batch["label"].astype(np.int32),
+            **self.conditioner.lookup(prompts)}
+
+  def loss_fn(self, params, extra, batch, rng):
+    """Per-sample loss [B] and the scalar auxiliary loss (MoE load balancing)."""
+    c = self.config
+    apply = model_fn_for(self.module, c.model.backbone)
+    model_fn = lambda x_t, t, cond, ids: apply({"params": params, **extra}, x_t, t, cond, ids)
+    cond = {k: batch[k] for k in ("context", "pooled")}
+    common = dict(null_cond=self.null_cond, cond_drop_prob=c.diffusion.cfg_dropout)
+    if c.diffusion.objective == "flow":
+      losses, aux = objectives.flow_matching_loss(model_fn, self.schedule, batch["image"], cond,
+                                                batch["cluster_id"], rng, **common)
+    else:
+      losses, aux = objectives.diffusion_loss(
+          model_fn, self.schedule, batch["image"], cond, batch["cluster_id"], rng,
+          min_snr_gamma=c.diffusion.min_snr_gamma or None, **common)
+    aux_loss = sum(jnp.sum(v) for v in jax.tree.leaves(aux["model"].get("losses", {})))
+    return losses, c.method.moe_aux_weight * aux_loss
+
+  def periodic(self, trainer, step, writer):
+    del trainer, step, writer  # Sample grids / diagnostics are wired by later stages.
+
+
+def _subtree(tree, like):
+  """The part of `tree` with the structure of `like` (nested dicts)."""
+  return {k: _subtree(tree[k], v) if isinstance(v, dict) else tree[k] for k, v in like.items()}
+
+
+def _overlay(tree, patch):
+  return {k: (_overlay(v, patch[k]) if isinstance(v, dict) else patch[k]) if k in patch else v
+          for k, v in tree.items()}
+
+
+def make_schedule(config, folder):
+  """The pretrained pipeline's scheduler config when there is one, else the config's."""
+  sched_file = os.path.join(os.path.dirname(folder), "scheduler", "scheduler_config.json")
+  if config.model.pretrained and os.path.exists(sched_file):
+    with open(sched_file) as f:
+      return schedules.from_diffusers_config(json.load(f))
+  d = config.diffusion
+  if d.objective == "flow":
+    return schedules.FlowSchedule(num_train_timesteps=d.num_train_timesteps, shift=d.flow_shift)
+  prediction = {"eps": "epsilon", "v": "v_prediction"}[d.objective]
+  return schedules.ddpm_schedule(d.schedule, d.num_train_timesteps,
+                                 prediction_type=prediction)
+
+
+def build(config, workdir, *, from_scratch=False):
+  """An Experiment for `config`. `from_scratch`: random init of the base architecture."""
+  builder = prepare_data(config)
+  part = load_or_build_partition(config, workdir, builder)
+  lib = importlib.import_module(_MODEL_LIB[config.model.backbone])
+  dtype = jnp.dtype(config.model.dtype)
+  extra = dict(adapter=adapter_config(config), dtype=dtype, remat=config.model.remat)
+  if from_scratch:
+    module = lib.from_config(lib.tiny_config(**config.model.base.to_dict()), **extra)
+    base_params, base_hash, folder = None, "scratch", ""
+  else:
+    folder = base_folder(config, workdir)
+    base_module, base_params = convert.load_diffusers(folder)
+    with open(os.path.join(folder, "config.json")) as f:
+      module = lib.from_config(json.load(f), **extra)
+    del base_module
+    base_hash = checkpoint.folder_hash(folder)
+  logging.info("partition:\n%s", partition_lib.format_table(part))
+  conditioner = text_conditioner(config, workdir)
+  null_cond = {k: v[0] for k, v in conditioner.lookup([""]).items()}
+  return Experiment(config=config, workdir=workdir, builder=builder, partition=part,
+                    conditioner=conditioner, module=module, lib=lib, base_params=base_params,
+                    base_hash=base_hash, schedule=make_schedule(config, folder),
+                    null_cond=null_cond)

@@ -1,0 +1,230 @@
+"""The one trainer: mesh, state, shardings, step, checkpoint, loop.
+
+What is trained, on what data and with which loss is built by `experiment.build`; this file only
+knows that the loss is per-sample, that every sample has a cluster id, and which parameters are
+trainable. The same code runs on one CPU, 8 fake CPU devices, GPUs, a TPU pod slice, and several
+hosts.
+"""
+import dataclasses
+import functools
+import os
+import time
+from typing import Any
+
+from absl import logging
+from clu import metric_writers
+from clu import periodic_actions
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from configs import common
+from grasp_jax import checkpoint
+from grasp_jax import optim
+from grasp_jax import sharding
+from grasp_jax import train_metrics
+from grasp_jax.models import convert
+
+
+class NonFiniteLossError(FloatingPointError):
+  """A step produced a NaN/inf loss or gradient (config.train.nan_policy='stop')."""
+
+
+# ---------------------------------------------------------------------------------------------
+# State.
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any  # Trainable parameters only; the frozen base is passed to the step separately.
+  opt_state: Any
+  ema: Any  # EMA of the trainables ({} when off).
+  extra: Any  # Non-trainable model variables that training updates (e.g. SeLoRA rank masks).
+
+
+def _ema_update(ema, params, decay):
+  return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
+
+
+@dataclasses.dataclass
+class Trainer:
+  """Compiled pieces of one training run on one mesh."""
+  mesh: Any
+  state: TrainState
+  frozen: Any
+  step_fn: Any  # Compiled: (state, frozen, batch) -> (state, metrics, finite).
+  abstract_state: Any
+  tx: Any
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup: abstract shapes -> shardings -> initialised, sharded state -> compiled step.
+
+def setup(exp, config, mesh, example_batch):
+  """Initialises the sharded state and compiles the train step ahead of time."""
+  rng = jax.random.key(config.seed)
+  boxed = jax.eval_shape(exp.init_variables, rng)
+  shardings = sharding.logical_shardings(boxed, mesh, config.mesh)
+  variables = jax.jit(lambda r: nn.unbox(exp.init_variables(r)), out_shardings=shardings)(rng)
+  params = exp.load_base(variables["params"], shardings["params"])
+  # Sown collections ('intermediates', 'losses') are per-call outputs, not state.
+  extra = {k: v for k, v in variables.items() if k == "selora"}
+  trainable, frozen = optim.split(params, config.method.trainable)
+  tx = optim.make_optimizer(config.optim, config.train.steps, config.method)
+
+  @jax.jit
+  def init_state(trainable, extra):
+    ema = jax.tree.map(jnp.copy, trainable) if config.train.ema_decay > 0 else {}
+    return TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
+                      opt_state=tx.init(trainable), ema=ema, extra=extra)
+
+  state = init_state(trainable, extra)
+  abstract_state = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+  step_fn = _compile_step(exp, config, mesh, tx, state, frozen, example_batch)
+  return Trainer(mesh=mesh, state=state, frozen=frozen, step_fn=step_fn,
+                 abstract_state=abstract_state, tx=tx)
+
+
+def _train_step(state, frozen, batch, *, exp, config, tx):
+  rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
+  num_clusters = exp.partition.num_clusters
+
+  def loss_fn(trainable):
+    per_sample, aux_loss = exp.loss_fn(optim.merge(trainable, frozen), state.extra, batch, rng)
+    return jnp.mean(per_sample) + aux_loss, per_sample
+
+  (loss, per_sample), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  cluster_ids = batch["cluster_id"]
+  counts = jax.ops.segment_sum(jnp.ones_like(per_sample), cluster_ids, num_clusters)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params, present=counts > 0)
+  params = optax.apply_updates(state.params, updates)
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  if config.train.nan_policy == "skip":
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+  ema = state.ema
+  if config.train.ema_decay > 0:
+    ema = _ema_update(ema, params, config.train.ema_decay)
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema)
+  metrics = train_metrics.TrainMetrics.single_from_model_output(
+      loss=loss, grad_norm=grad_norm, learning_rate=tx.learning_rate_fn(state.step),
+      cluster_loss_sum=jax.ops.segment_sum(per_sample, cluster_ids, num_clusters),
+      cluster_count=counts)
+  return new_state, metrics, finite
+
+
+def _compile_step(exp, config, mesh, tx, state, frozen, example_batch):
+  state_sh = jax.tree.map(lambda x: x.sharding, state)
+  frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
+  batch_sh = jax.tree.map(lambda _: sharding.batch_sharding(mesh), example_batch)
+  step = jax.jit(functools.partial(_train_step, exp=exp, config=config, tx=tx),
+                 in_shardings=(state_sh, frozen_sh, batch_sh),
+                 out_shardings=(state_sh, sharding.replicated(mesh), sharding.replicated(mesh)),
+                 donate_argnums=(0,))
+  abstract_batch = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), example_batch, batch_sh)
+  start = time.perf_counter()
+  compiled = step.lower(state, frozen, abstract_batch).compile()
+  logging.info("train step compiled in %.1f s", time.perf_counter() - start)
+  return compiled
+
+
+# ---------------------------------------------------------------------------------------------
+# Loop.
+
+def fit(exp, config, workdir, devices=None):
+  """Trains `exp` to config.train.steps, resuming from WORKDIR/checkpoints; returns the Trainer.
+
+  `devices` restricts the mesh to a subset of the devices (default: all).
+  """
+  mesh = sharding.make_mesh(config.mesh, devices)
+  data_iter = exp.train_iterator()
+  host_batch = exp.device_batch(next(exp.train_iterator()))
+  trainer = setup(exp, config, mesh, host_batch)
+  mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"),
+                            save_every=config.train.checkpoint_every,
+                            keep=config.train.keep_checkpoints)
+  latest = mngr.latest_step()
+  if latest is not None:
+    state, base_hash, _ = checkpoint.restore(mngr, latest, trainer.abstract_state, data_iter)
+    if base_hash != exp.base_hash:
+      raise ValueError(f"{workdir}/checkpoints/{latest} was trained on a different base model "
+                       f"(sha256 {base_hash[:12]}, now {exp.base_hash[:12]})")
+    trainer.state = state
+    logging.info("resumed from step %d", latest)
+
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  hooks = []
+  if jax.process_index() == 0:
+    hooks.append(periodic_actions.ReportProgress(num_train_steps=config.train.steps,
+                                                 writer=writer))
+  accumulated = None
+  step = int(trainer.state.step)
+  with jax.set_mesh(mesh):
+    while step < config.train.steps:
+      host = next(data_iter)
+      batch = sharding.put_batch(exp.device_batch(host), mesh)
+      trainer.state, metrics, finite = trainer.step_fn(trainer.state, trainer.frozen, batch)
+      step += 1
+      accumulated = metrics if accumulated is None else accumulated.merge(metrics)
+      if not bool(finite):
+        msg = (f"non-finite loss or gradient at step {step}; clusters in the batch: "
+               f"{sorted(set(host['cluster_id'].tolist()))}; last good checkpoint: "
+               f"{mngr.latest_step()}")
+        if config.train.nan_policy == "stop":
+          mngr.wait_until_finished()
+          raise NonFiniteLossError(msg)
+        logging.warning("%s (step skipped)", msg)
+      for hook in hooks:
+        hook(step)
+      if step % config.train.log_every == 0 or step == config.train.steps:
+        writer.write_scalars(step, train_metrics.scalars(
+            accumulated.compute(), exp.partition.cluster_names))
+        accumulated = None
+      exp.periodic(trainer, step, writer)
+      checkpoint.save(mngr, step, trainer.state, data_iter, config.to_json_best_effort(),
+                      exp.partition.to_json(), exp.base_hash,
+                      force=step == config.train.steps)
+  mngr.wait_until_finished()
+  writer.flush()
+  return trainer
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages.
+
+def pretrain_base(config, workdir):
+  """The demo's own base model: full training from scratch, saved as a diffusers folder."""
+  from grasp_jax import experiment  # The data/model stack; fit() itself needs none of it.
+  base_dir = os.path.join(workdir, "base")
+  if os.path.exists(os.path.join(base_dir, "config.json")):
+    return base_dir
+  cfg = config.copy_and_resolve_references()
+  with cfg.unlocked():
+    cfg.method = common.method_config("full", num_clusters=config.method.num_clusters)
+    cfg.train.steps = config.model.base_steps
+    cfg.optim.learning_rate = config.model.base_learning_rate
+    cfg.data.balance = ""
+  run_dir = os.path.join(workdir, "base_run")
+  exp = experiment.build(cfg, run_dir, from_scratch=True)
+  logging.info("pretraining the base model for %d steps in %s", cfg.train.steps, run_dir)
+  trainer = fit(exp, cfg, run_dir)
+  if jax.process_index() == 0:
+    params = jax.device_get(optim.merge(trainer.state.params, trainer.frozen))
+    convert.save_diffusers(base_dir, params, exp.lib.tiny_config(**cfg.model.base.to_dict()))
+  return base_dir
+
+
+def train_and_evaluate(config, workdir, mode="train"):
+  """main's entry: (pre)train, then sample, evaluate and export (per `mode`)."""
+  if mode != "train":
+    raise NotImplementedError(f"--mode={mode} is not implemented yet")
+  from grasp_jax import experiment
+  if not config.model.pretrained:
+    pretrain_base(config, workdir)
+  exp = experiment.build(config, workdir)
+  return fit(exp, config, workdir)
