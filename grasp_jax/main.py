@@ -4,6 +4,7 @@ Kept short on purpose (as in the flax examples): parse and check the config, rec
 workdir, then hand over to the trainer.
 """
 import json
+import logging as std_logging
 import os
 
 from absl import app
@@ -60,9 +61,19 @@ def write_config(config, workdir):
   json.loads(text)  # Fails loudly if a field is not JSON-serialisable.
 
 
+class _QuietLibraries(std_logging.Filter):
+  """Drops the INFO chatter of orbax / TFDS (dozens of lines per checkpoint); keeps warnings."""
+  NOISY = ("/orbax/", "/tensorflow_datasets/", "/etils/", "/grain/", "/jax/_src/")
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or not any(
+        n in record.pathname for n in self.NOISY)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   config = FLAGS.config
   validate_config(config)
   write_config(config, FLAGS.workdir)

@@ -25,6 +25,7 @@ from grasp_jax import checkpoint
 from grasp_jax import optim
 from grasp_jax import sharding
 from grasp_jax import train_metrics
+from grasp_jax.models import adapters
 from grasp_jax.models import convert
 
 
@@ -42,6 +43,7 @@ class TrainState:
   opt_state: Any
   ema: Any  # EMA of the trainables ({} when off).
   extra: Any  # Non-trainable model variables that training updates (e.g. SeLoRA rank masks).
+  fisher: Any  # SeLoRA: squared-gradient sums since the last growth check ({} otherwise).
 
 
 def _ema_update(ema, params, decay):
@@ -77,8 +79,9 @@ def setup(exp, config, mesh, example_batch):
   @jax.jit
   def init_state(trainable, extra):
     ema = jax.tree.map(jnp.copy, trainable) if config.train.ema_decay > 0 else {}
+    fisher = adapters.selora_fisher_init(trainable) if _selora(config) else {}
     return TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
-                      opt_state=tx.init(trainable), ema=ema, extra=extra)
+                      opt_state=tx.init(trainable), ema=ema, extra=extra, fisher=fisher)
 
   state = init_state(trainable, extra)
   abstract_state = jax.tree.map(
@@ -88,15 +91,27 @@ def setup(exp, config, mesh, example_batch):
                  abstract_state=abstract_state, tx=tx)
 
 
+def _selora(config):
+  return config.method.adapter == "selora"
+
+
 def _train_step(state, frozen, batch, *, exp, config, tx):
   rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
   num_clusters = exp.partition.num_clusters
+  # SeLoRA probes each layer's next rank in the same backward pass (its B row is zero, so the
+  # loss is unchanged) to measure the Fisher information that rank would add.
+  extra = ({**state.extra, "selora": adapters.selora_probe(state.extra["selora"])}
+           if _selora(config) else state.extra)
 
   def loss_fn(trainable):
-    per_sample, aux_loss = exp.loss_fn(optim.merge(trainable, frozen), state.extra, batch, rng)
+    per_sample, aux_loss = exp.loss_fn(optim.merge(trainable, frozen), extra, batch, rng)
     return jnp.mean(per_sample) + aux_loss, per_sample
 
   (loss, per_sample), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  fisher = state.fisher
+  if _selora(config):
+    fisher = adapters.selora_fisher_update(fisher, grads)
+    grads = adapters.selora_mask_grads(grads, state.extra["selora"])
   cluster_ids = batch["cluster_id"]
   counts = jax.ops.segment_sum(jnp.ones_like(per_sample), cluster_ids, num_clusters)
   updates, opt_state = tx.update(grads, state.opt_state, state.params, present=counts > 0)
@@ -109,12 +124,27 @@ def _train_step(state, frozen, batch, *, exp, config, tx):
   ema = state.ema
   if config.train.ema_decay > 0:
     ema = _ema_update(ema, params, config.train.ema_decay)
-  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema)
+  new_extra = state.extra
+  if _selora(config):
+    params, new_extra, fisher = _selora_growth(state.step, params, state.extra, fisher, config)
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema,
+                            extra=new_extra, fisher=fisher)
   metrics = train_metrics.TrainMetrics.single_from_model_output(
       loss=loss, grad_norm=grad_norm, learning_rate=tx.learning_rate_fn(state.step),
       cluster_loss_sum=jax.ops.segment_sum(per_sample, cluster_ids, num_clusters),
       cluster_count=counts)
   return new_state, metrics, finite
+
+
+def _selora_growth(step, params, extra, fisher, config):
+  """Every `method.selora_every` steps: grow ranks whose Fisher ratio exceeds the threshold."""
+  grown_params, grown_vars, _ = adapters.selora_grow(params, extra["selora"], fisher,
+                                                    config.method.selora_threshold)
+  due = (step + 1) % config.method.selora_every == 0
+  pick = lambda a, b: jax.tree.map(lambda x, y: jnp.where(due, x, y), a, b)
+  reset = jax.tree.map(jnp.zeros_like, fisher)
+  return (pick(grown_params, params), {**extra, "selora": pick(grown_vars, extra["selora"])},
+          pick(reset, fisher))
 
 
 def _compile_step(exp, config, mesh, tx, state, frozen, example_batch):
@@ -135,6 +165,17 @@ def _compile_step(exp, config, mesh, tx, state, frozen, example_batch):
 
 # ---------------------------------------------------------------------------------------------
 # Loop.
+
+def _check_finite(finite, step, cluster_ids, config, mngr):
+  if bool(finite):
+    return
+  msg = (f"non-finite loss or gradient at step {step}; clusters in the batch: "
+         f"{sorted(set(cluster_ids.tolist()))}; last good checkpoint: step "
+         f"{mngr.latest_step()} in {mngr.directory}")
+  if config.train.nan_policy == "stop":
+    mngr.wait_until_finished()
+    raise NonFiniteLossError(msg)
+  logging.warning("%s (step skipped)", msg)
 
 def fit(exp, config, workdir, devices=None):
   """Trains `exp` to config.train.steps, resuming from WORKDIR/checkpoints; returns the Trainer.
@@ -162,7 +203,10 @@ def fit(exp, config, workdir, devices=None):
   if jax.process_index() == 0:
     hooks.append(periodic_actions.ReportProgress(num_train_steps=config.train.steps,
                                                  writer=writer))
-  accumulated = None
+    if config.train.profile_steps:
+      hooks.append(periodic_actions.Profile(logdir=workdir,
+                                            num_profile_steps=config.train.profile_steps))
+  accumulated, pending = None, None
   step = int(trainer.state.step)
   with jax.set_mesh(mesh):
     while step < config.train.steps:
@@ -170,15 +214,12 @@ def fit(exp, config, workdir, devices=None):
       batch = sharding.put_batch(exp.device_batch(host), mesh)
       trainer.state, metrics, finite = trainer.step_fn(trainer.state, trainer.frozen, batch)
       step += 1
+      # The previous step's flag is read after this step is queued, so the host never stalls
+      # the device; a bad step is still reported with its own number and clusters.
+      if pending is not None:
+        _check_finite(*pending, config, mngr)
+      pending = (finite, step, host["cluster_id"])
       accumulated = metrics if accumulated is None else accumulated.merge(metrics)
-      if not bool(finite):
-        msg = (f"non-finite loss or gradient at step {step}; clusters in the batch: "
-               f"{sorted(set(host['cluster_id'].tolist()))}; last good checkpoint: "
-               f"{mngr.latest_step()}")
-        if config.train.nan_policy == "stop":
-          mngr.wait_until_finished()
-          raise NonFiniteLossError(msg)
-        logging.warning("%s (step skipped)", msg)
       for hook in hooks:
         hook(step)
       if step % config.train.log_every == 0 or step == config.train.steps:
@@ -186,9 +227,13 @@ def fit(exp, config, workdir, devices=None):
             accumulated.compute(), exp.partition.cluster_names))
         accumulated = None
       exp.periodic(trainer, step, writer)
+      last = step == config.train.steps
+      if last or mngr.should_save(step):  # Never checkpoint a non-finite state.
+        _check_finite(*pending, config, mngr)
+        pending = None
       checkpoint.save(mngr, step, trainer.state, data_iter, config.to_json_best_effort(),
                       exp.partition.to_json(), exp.base_hash,
-                      force=step == config.train.steps)
+                      force=last)
   mngr.wait_until_finished()
   writer.flush()
   return trainer

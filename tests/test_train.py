@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
+import pytest
 
 from configs import common
 from grasp_jax import partition as partition_lib
@@ -34,6 +35,7 @@ class Toy(nn.Module):
 class ToyExperiment:
   config: mlc.ConfigDict
   clusters: tuple  # The cluster ids the data may contain.
+  poisoned: int = -1  # Records of this cluster carry NaN inputs.
 
   def __post_init__(self):
     self.partition = partition_lib.build_partition(
@@ -52,8 +54,11 @@ class ToyExperiment:
 
   def train_iterator(self):
     rng = np.random.default_rng(1)
-    records = [{"x": rng.normal(size=(3, DIM)).astype(np.float32),
-                "cluster_id": np.int32(rng.choice(self.clusters))} for _ in range(64)]
+    records = []
+    for _ in range(64):
+      c = np.int32(rng.choice(self.clusters))
+      x = rng.normal(size=(3, DIM)).astype(np.float32)
+      records.append({"x": x * np.nan if c == self.poisoned else x, "cluster_id": c})
     ds = grain.MapDataset.source(records).shuffle(seed=3).repeat().batch(B)
     return iter(ds.to_iter_dataset())
 
@@ -125,3 +130,19 @@ def test_absent_cluster_rows_bitwise_unchanged(tmp_path):
       checked += 1
   assert checked >= 4  # down, up (+ biases) and their Adam moments.
 
+
+
+def test_non_finite_loss_stops_with_step_and_clusters(tmp_path):
+  config = toy_config(8, 100)
+  exp = ToyExperiment(config, clusters=(0, 1, 2, 3), poisoned=3)
+  with pytest.raises(train.NonFiniteLossError, match=r"at step 1; clusters in the batch: \[.*3"):
+    train.fit(exp, config, str(tmp_path / "run"))
+
+
+def test_non_finite_steps_are_skipped_when_configured(tmp_path):
+  config = toy_config(4, 100)
+  config.train.nan_policy = "skip"
+  trainer = train.fit(ToyExperiment(config, clusters=(0, 1, 2, 3), poisoned=3), config,
+                      str(tmp_path / "run"))
+  assert int(trainer.state.step) == 4
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(trainable(trainer)))
