@@ -50,6 +50,16 @@ def method_config(method, num_clusters, rank=8):
   return c
 
 
+def with_regularisers(c, cbdm=False, coral=False):
+  """CBDM / CORAL on top of any method (paper defaults: tau 1; weight 0.5, temperature 0.1)."""
+  if cbdm:
+    c.diffusion.cbdm_weight = 1.0
+  if coral:
+    c.diffusion.coral_weight = 0.5
+    c.method.trainable = tuple(c.method.trainable) + (r"coral_head/.*",)
+  return c
+
+
 def base_config():
   """Fields every experiment has; experiment files override what differs."""
   c = mlc.ConfigDict()
@@ -100,6 +110,7 @@ def base_config():
   c.diffusion.min_snr_gamma = 0.0  # 0 = off.
   c.diffusion.flow_shift = 3.0
   c.diffusion.cbdm_weight = 0.0  # tau of CBDM; 0 = off.
+  c.diffusion.cbdm_prior = "uniform"  # y' ~ 'uniform' (fine-tuning) or train 'frequency'.
   c.diffusion.coral_weight = 0.0  # CORAL SupCon weight (paper: 0.5); 0 = off.
   c.diffusion.coral_temperature = 0.1
 

@@ -1,7 +1,8 @@
 """The embedded demo: GRASP on long-tailed Fashion-MNIST (NIH ChestX-ray14 class profile), CPU.
 
 Command:  python -m grasp_jax.main --config=configs/demo.py --workdir=workdir/demo
-Variants: configs/demo.py:method=full | lora | selora | moe, backbone=dit, smoke (tests: seconds).
+Variants: configs/demo.py:method=full | lora | selora | moe, backbone=dit, cbdm, coral,
+          smoke (tests: a few minutes, mostly compiles).
 Hardware: 2 CPU cores; the whole run (pretrain the small base, fine-tune, sample, evaluate)
 is sized for <= 10 minutes.
 Expected: WORKDIR/partition.json, base/ (the pretrained base as a diffusers folder),
@@ -12,7 +13,8 @@ from configs import common
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, backbone="unet", method="grasp", smoke=False, seed=0)
+  arg = common.parse_arg(arg, backbone="unet", method="grasp", smoke=False, seed=0, cbdm=False,
+                         coral=False)
   c = common.base_config()
   c.seed = arg.seed
   c.data.image_size = 32
@@ -23,6 +25,7 @@ def get_config(arg=None):
   c.partition.healthy = "T-shirt/top"
   c.model.backbone = arg.backbone
   c.method = common.method_config(arg.method, num_clusters=c.partition.k, rank=8)
+  common.with_regularisers(c, cbdm=arg.cbdm, coral=arg.coral)
   if arg.backbone == "dit":
     c.diffusion.objective = "flow"
     c.sample.sampler = "euler"

@@ -1,6 +1,6 @@
 """Builds what one run trains from its config: data, partition, text conditioning, model, loss.
 
-The trainer (train.py) only sees an `Experiment`: `init_variables`, `load_base`, `loss_fn`,
+The trainer (train.py) only sees an `Experiment`: `init_variables`, `base_on_devices`, `loss_fn`,
 `train_iterator`, `device_batch` and `partition`. Model parameters come from a diffusers folder
 (`config.model.pretrained`), or — for the embedded demo, where no weights can be downloaded — from
 a small base trained here first and cached in WORKDIR/base in the same diffusers layout.
@@ -20,6 +20,7 @@ import tensorflow_datasets as tfds
 from grasp_jax import checkpoint
 from grasp_jax import partition as partition_lib
 from grasp_jax.data import pipeline
+from grasp_jax.data.builders import features
 from grasp_jax.diffusion import objectives
 from grasp_jax.diffusion import schedules
 from grasp_jax.models import adapters
@@ -69,6 +70,12 @@ def load_or_build_partition(config, workdir, builder):
 # ---------------------------------------------------------------------------------------------
 # Text conditioning.
 
+def class_prompt(dataset, class_name):
+  """The builders' template prompt of a class (what sampling and CBDM condition on)."""
+  if "cxr" in dataset:
+    return features.findings_prompt([class_name])
+  return features.photo_prompt(class_name)
+
 def text_conditioner(config, workdir):
   """A cached prompt encoder: prompts -> {'context': [B, L, D], 'pooled': [B, D]}."""
   if config.text.encoder != "minilm":
@@ -101,13 +108,18 @@ def base_folder(config, workdir):
   return sub if os.path.isdir(sub) else config.model.pretrained
 
 
+def call_args(backbone, x_t, t, cond):
+  """Positional arguments of each backbone's call convention."""
+  if backbone == "unet":
+    return (x_t, t, cond["context"])
+  return (x_t, cond["context"], cond["pooled"], t)
+
+
 def model_fn_for(module, backbone):
-  """Adapts a backbone's call convention to `model_fn(x_t, t, cond, cluster_ids)`."""
+  """Adapts a backbone to `model_fn(variables, x_t, t, cond, cluster_ids) -> (pred, mutated)`."""
   def model_fn(variables, x_t, t, cond, cluster_ids):
-    kwargs = dict(cluster_ids=cluster_ids, mutable=["intermediates", "losses"])
-    if backbone == "unet":
-      return module.apply(variables, x_t, t, cond["context"], **kwargs)
-    return module.apply(variables, x_t, cond["context"], cond["pooled"], t, **kwargs)
+    return module.apply(variables, *call_args(backbone, x_t, t, cond), cluster_ids=cluster_ids,
+                        mutable=["intermediates", "losses"])
   return model_fn
 
 
@@ -127,24 +139,36 @@ class Experiment:
 
   # --- what the trainer calls -----------------------------------------------------------------
 
-  def init_variables(self, rng):
-    """All variables (base + adapters), initialised through the call that training makes."""
+  def init_variables(self, rng, base=None):
+    """All variables (base + adapters), initialised through the call that training makes.
+
+    With `base` (the frozen params, already on device) only the missing leaves — adapters, LoRA,
+    heads — are initialised: flax creates a param only when the collection lacks it, which also
+    spares compiling the random init of the whole backbone.
+    """
     c = self.config
     x = jnp.zeros((1, c.data.image_size, c.data.image_size, c.data.channels))
     cond = jax.tree.map(lambda v: jnp.asarray(v)[None], self.null_cond)
-    if c.model.backbone == "unet":
-      return self.module.init(rng, x, jnp.zeros((1,), jnp.int32), cond["context"],
-                              cluster_ids=jnp.zeros((1,), jnp.int32))
-    return self.module.init(rng, x, cond["context"], cond["pooled"], jnp.zeros((1,)),
-                            cluster_ids=jnp.zeros((1,), jnp.int32))
+    ids = jnp.zeros((1,), jnp.int32)
+    args = call_args(c.model.backbone, x, ids, cond)
+    if base is None:
+      variables = self.module.init(rng, *args, cluster_ids=ids)
+    else:
+      _, variables = self.module.apply({"params": base}, *args, cluster_ids=ids,
+                                       rngs={"params": rng}, mutable=["params", "selora"])
+    if c.diffusion.coral_weight:
+      _, mutated = self.module.apply(variables, *args, cluster_ids=ids, mutable=["intermediates"])
+      feats = objectives.bottleneck_features(mutated["intermediates"])
+      head = objectives.CoralHead().init(jax.random.fold_in(rng, 1), feats)["params"]
+      variables = {**variables, "params": {**variables["params"], "coral_head": head}}
+    # Sown collections ('intermediates', 'losses') are per-call outputs, not state.
+    return {k: v for k, v in variables.items() if k in ("params", "selora")}
 
-  def load_base(self, params, shardings):
-    """Replaces the initialised base leaves by the checkpoint's (adapters keep their init)."""
+  def base_on_devices(self, shardings):
+    """The frozen base params placed with their shardings (None when training from scratch)."""
     if self.base_params is None:
-      return params
-    base = jax.tree.map(lambda a, s: jax.device_put(a, s), self.base_params,
-                        _subtree(shardings, self.base_params))
-    return _overlay(params, base)
+      return None
+    return jax.tree.map(jax.device_put, self.base_params, _subtree(shardings, self.base_params))
 
   def train_iterator(self):
     c = self.config
@@ -164,19 +188,42 @@ class Experiment:
   def loss_fn(self, params, extra, batch, rng):
     """Per-sample loss [B] and the scalar auxiliary loss (MoE load balancing)."""
     c = self.config
-    apply = model_fn_for(self.module, c.model.backbone)
-    model_fn = lambda x_t, t, cond, ids: apply({"params": params, **extra}, x_t, t, cond, ids)
     cond = {k: batch[k] for k in ("context", "pooled")}
-    common = dict(null_cond=self.null_cond, cond_drop_prob=c.diffusion.cfg_dropout)
+    common = dict(null_cond=self.null_cond, cond_drop_prob=c.diffusion.cfg_dropout,
+                  cbdm=self._cbdm() if c.diffusion.cbdm_weight else None)
+    model_params = {k: v for k, v in params.items() if k != "coral_head"}
+    apply = model_fn_for(self.module, c.model.backbone)
+    model_fn = lambda x_t, t, cond, ids: apply({"params": model_params, **extra}, x_t, t, cond,
+                                                 ids)
     if c.diffusion.objective == "flow":
       losses, aux = objectives.flow_matching_loss(model_fn, self.schedule, batch["image"], cond,
-                                                batch["cluster_id"], rng, **common)
+                                                  batch["cluster_id"], rng, **common)
     else:
       losses, aux = objectives.diffusion_loss(
           model_fn, self.schedule, batch["image"], cond, batch["cluster_id"], rng,
           min_snr_gamma=c.diffusion.min_snr_gamma or None, **common)
+    if c.diffusion.coral_weight:
+      feats = objectives.bottleneck_features(aux["model"]["intermediates"])
+      proj = objectives.CoralHead().apply({"params": params["coral_head"]}, feats)
+      losses = losses + objectives.coral_loss(
+          proj, batch["label"], ~aux["drop_mask"], aux["t_frac"],
+          temperature=c.diffusion.coral_temperature, weight=c.diffusion.coral_weight)
     aux_loss = sum(jnp.sum(v) for v in jax.tree.leaves(aux["model"].get("losses", {})))
     return losses, c.method.moe_aux_weight * aux_loss
+
+  def _cbdm(self):
+    """CBDM's balancing labels y' ~ uniform (fine-tuning) or train frequency, with their own
+    prompts and clusters."""
+    c = self.config
+    names = self.partition.class_names
+    table = self.conditioner.lookup([class_prompt(c.data.name, n) for n in names])
+    counts = np.asarray(self.partition.class_counts, np.float32)
+    probs = counts if c.diffusion.cbdm_prior == "frequency" else np.ones_like(counts)
+    to_cluster = jnp.asarray(self.partition.class_to_cluster, jnp.int32)
+    return objectives.CBDM(class_probs=probs, tau=c.diffusion.cbdm_weight,
+                           cond_for_labels=lambda y: {k: jnp.asarray(v)[y]
+                                                      for k, v in table.items()},
+                           cluster_for_labels=lambda y: to_cluster[y])
 
   def periodic(self, trainer, step, writer):
     del trainer, step, writer  # Sample grids / diagnostics are wired by later stages.
@@ -185,11 +232,6 @@ class Experiment:
 def _subtree(tree, like):
   """The part of `tree` with the structure of `like` (nested dicts)."""
   return {k: _subtree(tree[k], v) if isinstance(v, dict) else tree[k] for k, v in like.items()}
-
-
-def _overlay(tree, patch):
-  return {k: (_overlay(v, patch[k]) if isinstance(v, dict) else patch[k]) if k in patch else v
-          for k, v in tree.items()}
 
 
 def make_schedule(config, folder):

@@ -69,10 +69,11 @@ def setup(exp, config, mesh, example_batch):
   rng = jax.random.key(config.seed)
   boxed = jax.eval_shape(exp.init_variables, rng)
   shardings = sharding.logical_shardings(boxed, mesh, config.mesh)
-  variables = jax.jit(lambda r: nn.unbox(exp.init_variables(r)), out_shardings=shardings)(rng)
-  params = exp.load_base(variables["params"], shardings["params"])
-  # Sown collections ('intermediates', 'losses') are per-call outputs, not state.
-  extra = {k: v for k, v in variables.items() if k == "selora"}
+  base = exp.base_on_devices(shardings["params"])
+  variables = jax.jit(lambda r, b: nn.unbox(exp.init_variables(r, b)),
+                      out_shardings=shardings, donate_argnums=1)(rng, base)
+  params = variables["params"]
+  extra = {k: v for k, v in variables.items() if k != "params"}
   trainable, frozen = optim.split(params, config.method.trainable)
   tx = optim.make_optimizer(config.optim, config.train.steps, config.method)
 
@@ -254,6 +255,7 @@ def pretrain_base(config, workdir):
     cfg.train.steps = config.model.base_steps
     cfg.optim.learning_rate = config.model.base_learning_rate
     cfg.data.balance = ""
+    cfg.diffusion.cbdm_weight = cfg.diffusion.coral_weight = 0.0  # Regularisers are fine-tuning's.
   run_dir = os.path.join(workdir, "base_run")
   exp = experiment.build(cfg, run_dir, from_scratch=True)
   logging.info("pretraining the base model for %d steps in %s", cfg.train.steps, run_dir)

@@ -45,12 +45,12 @@ class ToyExperiment:
     rng = np.random.default_rng(0)
     self.target = rng.normal(size=(DIM, DIM)).astype(np.float32)
 
-  def init_variables(self, rng):
+  def init_variables(self, rng, base=None):
+    del base
     return self.module.init(rng, jnp.zeros((1, 3, DIM)), jnp.zeros((1,), jnp.int32))
 
-  def load_base(self, params, shardings):
+  def base_on_devices(self, shardings):
     del shardings
-    return params
 
   def train_iterator(self):
     rng = np.random.default_rng(1)
