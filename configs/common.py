@@ -134,6 +134,7 @@ def base_config():
   c.train.nan_policy = "stop"  # 'stop' or 'skip' a step whose loss/grads are not finite.
   c.train.sample_every = 0  # Per-cluster sample grids; 0 = only at the end.
   c.train.diagnostics_every = 0  # Gradient-conflict diagnostics; 0 = off.
+  c.train.diagnostics_batches = 4  # Held-out class-balanced eval-split batches they use.
   c.train.profile_steps = 0  # >0: a jax.profiler trace of that many steps (TensorBoard).
 
   c.mesh = mlc.ConfigDict()

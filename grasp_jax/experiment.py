@@ -18,6 +18,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from grasp_jax import checkpoint
+from grasp_jax import diagnostics
+from grasp_jax import optim
+from grasp_jax import sharding
 from grasp_jax import partition as partition_lib
 from grasp_jax.data import pipeline
 from grasp_jax.data.builders import features
@@ -96,8 +99,11 @@ def text_conditioner(config, workdir):
 
 def adapter_config(config):
   m = config.method
+  # The bottleneck uses the FFN's own nonlinearity, so a GRASP row folds exactly into a wider FFN
+  # at export (GEGLU's exact GELU for UNets, SD3's tanh GELU for the MMDiT).
+  activation = "gelu" if config.model.backbone == "unet" else "gelu_tanh"
   return adapters.AdapterConfig(method=m.adapter, num_clusters=m.num_clusters, rank=m.rank,
-                                moe_mode=m.moe_mode)
+                                moe_mode=m.moe_mode, activation=activation)
 
 
 def base_folder(config, workdir):
@@ -136,6 +142,8 @@ class Experiment:
   base_hash: str
   schedule: Any
   null_cond: Any  # The empty prompt's condition (classifier-free guidance), leaves [L, D] / [D].
+  class_cond: Any  # Each class's template-prompt condition, leaves [C, ...] (CBDM's y').
+  _heldout: Any = None  # Diagnostics batches, made on first use.
 
   # --- what the trainer calls -----------------------------------------------------------------
 
@@ -215,8 +223,7 @@ class Experiment:
     """CBDM's balancing labels y' ~ uniform (fine-tuning) or train frequency, with their own
     prompts and clusters."""
     c = self.config
-    names = self.partition.class_names
-    table = self.conditioner.lookup([class_prompt(c.data.name, n) for n in names])
+    table = self.class_cond
     counts = np.asarray(self.partition.class_counts, np.float32)
     probs = counts if c.diffusion.cbdm_prior == "frequency" else np.ones_like(counts)
     to_cluster = jnp.asarray(self.partition.class_to_cluster, jnp.int32)
@@ -225,8 +232,25 @@ class Experiment:
                                                       for k, v in table.items()},
                            cluster_for_labels=lambda y: to_cluster[y])
 
+  def heldout_batches(self, mesh):
+    """A fixed set of class-balanced eval-split batches (diagnostics), placed on `mesh`."""
+    c = self.config
+    it = iter(pipeline.make_dataset(
+        self.builder, c.data.eval_split, batch_size=c.data.batch_size // jax.process_count(),
+        image_size=c.data.image_size, channels=c.data.channels, partition=self.partition,
+        seed=c.seed + 1, shuffle=True, balance="class"))
+    return [sharding.put_batch(self.device_batch(next(it)), mesh)
+            for _ in range(c.train.diagnostics_batches)]
+
   def periodic(self, trainer, step, writer):
-    del trainer, step, writer  # Sample grids / diagnostics are wired by later stages.
+    """In-training hooks: gradient-conflict diagnostics every `train.diagnostics_every` steps."""
+    every = self.config.train.diagnostics_every
+    if every and step % every == 0:
+      if self._heldout is None:
+        self._heldout = self.heldout_batches(trainer.mesh)
+      diagnostics.run_diagnostics(
+          self, optim.merge(trainer.state.params, trainer.frozen), trainer.state.extra,
+          self._heldout, jax.random.key(self.config.seed + 1), writer, step)
 
 
 def _subtree(tree, like):
@@ -268,7 +292,8 @@ def build(config, workdir, *, from_scratch=False):
   logging.info("partition:\n%s", partition_lib.format_table(part))
   conditioner = text_conditioner(config, workdir)
   null_cond = {k: v[0] for k, v in conditioner.lookup([""]).items()}
+  class_cond = conditioner.lookup([class_prompt(config.data.name, n) for n in part.class_names])
   return Experiment(config=config, workdir=workdir, builder=builder, partition=part,
                     conditioner=conditioner, module=module, lib=lib, base_params=base_params,
                     base_hash=base_hash, schedule=make_schedule(config, folder),
-                    null_cond=null_cond)
+                    null_cond=null_cond, class_cond=class_cond)

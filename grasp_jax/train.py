@@ -7,6 +7,7 @@ hosts.
 """
 import dataclasses
 import functools
+import json
 import os
 import time
 from typing import Any
@@ -266,12 +267,49 @@ def pretrain_base(config, workdir):
   return base_dir
 
 
+def restore_latest(exp, config, workdir):
+  """A Trainer holding the latest checkpoint of WORKDIR (for the sample/evaluate/... modes)."""
+  mesh = sharding.make_mesh(config.mesh)
+  data_iter = exp.train_iterator()
+  trainer = setup(exp, config, mesh, exp.device_batch(next(exp.train_iterator())))
+  mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"), save_every=1, keep=1)
+  step = mngr.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints: train first")
+  trainer.state, _, _ = checkpoint.restore(mngr, step, trainer.abstract_state, data_iter)
+  return trainer
+
+
 def train_and_evaluate(config, workdir, mode="train"):
-  """main's entry: (pre)train, then sample, evaluate and export (per `mode`)."""
-  if mode != "train":
-    raise NotImplementedError(f"--mode={mode} is not implemented yet")
+  """main's entry. train: (pretrain the base,) fine-tune, export; the other modes run one stage
+  on the latest checkpoint of WORKDIR."""
+  from grasp_jax import diagnostics
   from grasp_jax import experiment
-  if not config.model.pretrained:
-    pretrain_base(config, workdir)
-  exp = experiment.build(config, workdir)
-  return fit(exp, config, workdir)
+  from grasp_jax import export
+  if mode == "train":
+    if not config.model.pretrained:
+      pretrain_base(config, workdir)
+    exp = experiment.build(config, workdir)
+    trainer = fit(exp, config, workdir)
+  else:
+    exp = experiment.build(config, workdir)
+    trainer = restore_latest(exp, config, workdir)
+  step = int(trainer.state.step)
+  if mode in ("train", "export"):
+    export.run_export(exp, trainer, workdir)
+  if mode == "diagnose":
+    writer = metric_writers.create_default_writer(workdir,
+                                                  just_logging=jax.process_index() > 0)
+    with jax.set_mesh(trainer.mesh):
+      result = diagnostics.run_diagnostics(
+          exp, optim.merge(trainer.state.params, trainer.frozen), trainer.state.extra,
+          exp.heldout_batches(trainer.mesh), jax.random.key(config.seed + 1), writer, step)
+    path = os.path.join(workdir, "diagnostics", f"step_{step}.json")
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    writer.flush()
+  if mode in ("sample", "evaluate"):
+    raise NotImplementedError(f"--mode={mode} is not wired yet")
+  return trainer
