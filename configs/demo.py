@@ -39,6 +39,12 @@ def get_config(arg=None):
   c.sample.steps = 25 if arg.backbone == "unet" else c.sample.steps
   c.eval.real_per_class = 32
   if arg.smoke:
+    if arg.backbone == "unet":  # Fewer blocks: the smoke run is dominated by XLA compiles.
+      c.model.base = dict(block_out_channels=[16, 32], down_block_types=[
+          "DownBlock2D", "CrossAttnDownBlock2D"], up_block_types=["CrossAttnUpBlock2D",
+                                                                   "UpBlock2D"])
+    else:
+      c.model.base = dict(num_layers=2)
     c.data.batch_size = 8
     c.model.base_steps = 4
     c.train.steps = 4
