@@ -158,4 +158,8 @@ def base_config():
   c.eval.real_per_class = 64
   c.eval.inception = True
   c.eval.classifier_steps = 300
+  c.eval.classifier_batch_size = 64
+  c.eval.domain_per_class = 1000  # Domain classifier: train images per class (balanced).
+  c.eval.train_per_class = 0  # Real train images per class for the downstream classifier; 0 = all.
+  c.eval.downstream = True
   return c

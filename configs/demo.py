@@ -55,4 +55,5 @@ def get_config(arg=None):
     c.eval.real_per_class = 2
     c.eval.inception = False
     c.eval.classifier_steps = 2
+    c.eval.downstream = False  # Covered by tests/test_evaluate.py; three more compiles here.
   return c

@@ -5,9 +5,12 @@ interrupted save never corrupts the previous checkpoint. Restoring onto abstract
 carry shardings lets a checkpoint written on one mesh continue on another.
 """
 import hashlib
+import json
 import os
 
+from absl import logging
 import grain
+import jax
 import orbax.checkpoint as ocp
 
 ITEMS = ("state", "data", "config", "partition", "base")
@@ -34,11 +37,37 @@ def save(mngr, step, state, data_iter, config_json, partition_json, base_hash, *
 
 def restore(mngr, step, abstract_state, data_iter):
   """Restores the state onto `abstract_state`'s shardings and the iterator in place."""
-  args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                            data=grain.checkpoint.CheckpointRestore(data_iter),
-                            base=ocp.args.JsonRestore(), partition=ocp.args.JsonRestore())
-  out = mngr.restore(step, args=args)
+  items = dict(state=ocp.args.StandardRestore(abstract_state), base=ocp.args.JsonRestore(),
+               partition=ocp.args.JsonRestore())
+  data_dir = os.path.join(str(mngr.directory), str(step), "data")
+  # grain keeps one iterator state per process: process_<i>-of-<n>.json.
+  own = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+  if os.path.exists(os.path.join(data_dir, own)):
+    items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+  out = mngr.restore(step, args=ocp.args.Composite(**items))
+  if "data" not in items:
+    _restore_data_on_new_process_count(data_dir, data_iter)
   return out.state, out.base["sha256"], out.partition
+
+
+def _restore_data_on_new_process_count(data_dir, data_iter):
+  """Written by another number of processes: carry the position over if all agreed on it.
+
+  Every process's batch i is its slice of global batch i (data/pipeline.py), so one shared
+  position continues the same global stream under any process count.
+  """
+  states = set()
+  for name in os.listdir(data_dir):
+    if name.startswith("process_") and name.endswith(".json"):
+      with open(os.path.join(data_dir, name)) as f:
+        states.add(json.dumps(json.load(f), sort_keys=True))
+  if len(states) == 1:
+    data_iter.set_state(json.loads(states.pop()))
+    logging.info("data position carried over from %s (written by another process count)",
+                 data_dir)
+  else:
+    logging.warning("%s holds differing data positions from another process count; the data "
+                    "stream restarts from its beginning", data_dir)
 
 
 def folder_hash(path):

@@ -19,6 +19,7 @@ import tensorflow_datasets as tfds
 
 from grasp_jax import checkpoint
 from grasp_jax import diagnostics
+from grasp_jax import distributed
 from grasp_jax import optim
 from grasp_jax import sharding
 from grasp_jax import partition as partition_lib
@@ -41,11 +42,13 @@ _MODEL_LIB = {"unet": "grasp_jax.models.unet", "dit": "grasp_jax.models.dit"}
 
 def prepare_data(config):
   """Builds (if needed) the TFDS dataset; returns the builder."""
-  builder = tfds.builder(config.data.name, config=config.data.config or None,
-                         data_dir=config.data.data_dir or None)
-  download_config = tfds.download.DownloadConfig(manual_dir=config.data.manual_dir or None)
-  builder.download_and_prepare(download_config=download_config)
-  return builder
+  make = lambda: tfds.builder(config.data.name, config=config.data.config or None,
+                              data_dir=config.data.data_dir or None)
+  if distributed.is_primary():  # One writer; the others wait and then read what it built.
+    download_config = tfds.download.DownloadConfig(manual_dir=config.data.manual_dir or None)
+    make().download_and_prepare(download_config=download_config)
+  distributed.barrier("data_prepared")
+  return make()
 
 
 def load_or_build_partition(config, workdir, builder):
@@ -243,7 +246,9 @@ class Experiment:
             for _ in range(c.train.diagnostics_batches)]
 
   def periodic(self, trainer, step, writer):
-    """In-training hooks: gradient-conflict diagnostics every `train.diagnostics_every` steps."""
+    """In-training hooks: gradient diagnostics, per-cluster sample grids, evaluation."""
+    from grasp_jax import generate  # Both import this module.
+    from grasp_jax.evaluation import evaluate as evaluate_lib
     every = self.config.train.diagnostics_every
     if every and step % every == 0:
       if self._heldout is None:
@@ -251,6 +256,17 @@ class Experiment:
       diagnostics.run_diagnostics(
           self, optim.merge(trainer.state.params, trainer.frozen), trainer.state.extra,
           self._heldout, jax.random.key(self.config.seed + 1), writer, step)
+    c = self.config
+    if c.train.sample_every and step % c.train.sample_every == 0:
+      params, extra = generate.sampling_params(trainer)
+      grids = generate.cluster_grids(self, params, extra, jax.random.key(c.seed), 8,
+                                     mesh=trainer.mesh)
+      if jax.process_index() == 0:
+        writer.write_images(step, {k: g[None] for k, g in grids.items()})
+    if c.eval.every and step % c.eval.every == 0:
+      params, extra = generate.sampling_params(trainer)
+      evaluate_lib.evaluate(self, params, extra, self.workdir, writer, step,
+                            rng=jax.random.key(c.seed), mesh=trainer.mesh)
 
 
 def _subtree(tree, like):

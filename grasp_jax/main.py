@@ -20,6 +20,14 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, summaries and r
 flags.DEFINE_enum("mode", "train", ["train", "sample", "evaluate", "diagnose", "export"],
                   "train: (pre)train, sample, evaluate and export; the others run one stage on "
                   "the latest checkpoint of --workdir.")
+flags.DEFINE_bool("dry_run", False, "Print the per-device memory plan of --config on its mesh "
+                  "and exit; nothing is allocated.")
+flags.DEFINE_integer("dry_run_devices", 0, "With --dry_run: plan for this many devices, "
+                     "simulated on CPU (0: this host's devices, with XLA's compiled numbers).")
+flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port of process 0 "
+                    "(default: GRASP_COORDINATOR, SLURM or TPU VM; see grasp_jax/distributed.py).")
+flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -76,8 +84,16 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   config = FLAGS.config
   validate_config(config)
-  write_config(config, FLAGS.workdir)
-  from grasp_jax import train  # Imported late: jax/tf start-up only after the config is valid.
+  if FLAGS.dry_run:
+    from grasp_jax import memory
+    memory.dry_run(config, num_devices=FLAGS.dry_run_devices)
+    return
+  # Imported late: jax/tf start-up only after the config is valid.
+  from grasp_jax import distributed
+  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  if distributed.is_primary():
+    write_config(config, FLAGS.workdir)
+  from grasp_jax import train
   train.train_and_evaluate(config, FLAGS.workdir, FLAGS.mode)
 
 

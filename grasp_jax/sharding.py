@@ -43,6 +43,29 @@ def logical_shardings(abstract_tree, mesh, mesh_config):
   return nn.logical_to_mesh_sharding(specs, mesh, rules(mesh_config))
 
 
+def mirror_shardings(tree, params, mesh):
+  """Shardings for a tree whose leaves mirror parameters (optimizer moments, EMA, the params).
+
+  A leaf takes the sharding of the parameter whose key path ends its own and whose shape it
+  has (optax's mu/nu sit under their parameter's path); other leaves (step counts) are
+  replicated. Without this, jit leaves `zeros_like(param)` state replicated on every device.
+  """
+  names = lambda kp: tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+                           for k in kp)
+  by_path = {names(kp): p for kp, p in jax.tree_util.tree_leaves_with_path(params)}
+  lengths = sorted({len(k) for k in by_path}, reverse=True)
+
+  def pick(kp, x):
+    path = names(kp)
+    for n in lengths:
+      p = by_path.get(path[-n:])
+      if p is not None and p.shape == x.shape:
+        return p.sharding
+    return replicated(mesh)
+
+  return jax.tree_util.tree_map_with_path(pick, tree)
+
+
 def batch_sharding(mesh):
   """Leading (batch) axis over every mesh axis; the rest replicated."""
   return NamedSharding(mesh, P(MESH_AXES))

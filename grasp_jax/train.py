@@ -19,10 +19,13 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import optax
 
 from configs import common
+from grasp_jax import accounting
 from grasp_jax import checkpoint
+from grasp_jax import distributed
 from grasp_jax import optim
 from grasp_jax import sharding
 from grasp_jax import train_metrics
@@ -60,6 +63,7 @@ class Trainer:
   step_fn: Any  # Compiled: (state, frozen, batch) -> (state, metrics, finite).
   abstract_state: Any
   tx: Any
+  compile_seconds: float = 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,19 +82,29 @@ def setup(exp, config, mesh, example_batch):
   trainable, frozen = optim.split(params, config.method.trainable)
   tx = optim.make_optimizer(config.optim, config.train.steps, config.method)
 
-  @jax.jit
+  init_state = state_initializer(config, tx)
+  state = jax.jit(init_state, out_shardings=state_shardings(init_state, trainable, extra, mesh))(
+      trainable, extra)
+  abstract_state = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+  step_fn, seconds = compile_step(exp, config, mesh, tx, state, frozen, example_batch)
+  return Trainer(mesh=mesh, state=state, frozen=frozen, step_fn=step_fn,
+                 abstract_state=abstract_state, tx=tx, compile_seconds=seconds)
+
+
+def state_initializer(config, tx):
+  """(trainable, extra) -> TrainState; jitted by `setup`, traced abstractly by memory.py."""
   def init_state(trainable, extra):
     ema = jax.tree.map(jnp.copy, trainable) if config.train.ema_decay > 0 else {}
     fisher = adapters.selora_fisher_init(trainable) if _selora(config) else {}
     return TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
                       opt_state=tx.init(trainable), ema=ema, extra=extra, fisher=fisher)
+  return init_state
 
-  state = init_state(trainable, extra)
-  abstract_state = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-  step_fn = _compile_step(exp, config, mesh, tx, state, frozen, example_batch)
-  return Trainer(mesh=mesh, state=state, frozen=frozen, step_fn=step_fn,
-                 abstract_state=abstract_state, tx=tx)
+
+def state_shardings(init_state, trainable, extra, mesh):
+  """The TrainState's shardings: optimizer moments and EMA take their parameter's sharding."""
+  return sharding.mirror_shardings(jax.eval_shape(init_state, trainable, extra), trainable, mesh)
 
 
 def _selora(config):
@@ -149,7 +163,8 @@ def _selora_growth(step, params, extra, fisher, config):
           pick(reset, fisher))
 
 
-def _compile_step(exp, config, mesh, tx, state, frozen, example_batch):
+def compile_step(exp, config, mesh, tx, state, frozen, example_batch):
+  """AOT-compiles the step; returns (compiled, seconds). `example_batch`: one process's share."""
   state_sh = jax.tree.map(lambda x: x.sharding, state)
   frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
   batch_sh = jax.tree.map(lambda _: sharding.batch_sharding(mesh), example_batch)
@@ -157,12 +172,16 @@ def _compile_step(exp, config, mesh, tx, state, frozen, example_batch):
                  in_shardings=(state_sh, frozen_sh, batch_sh),
                  out_shardings=(state_sh, sharding.replicated(mesh), sharding.replicated(mesh)),
                  donate_argnums=(0,))
+  # Every process feeds an equal share of the global batch (sharding.put_batch).
+  global_shape = lambda x: (x.shape[0] * jax.process_count(),) + tuple(x.shape[1:])
   abstract_batch = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), example_batch, batch_sh)
+      lambda x, s: jax.ShapeDtypeStruct(global_shape(x), x.dtype, sharding=s), example_batch,
+      batch_sh)
   start = time.perf_counter()
   compiled = step.lower(state, frozen, abstract_batch).compile()
-  logging.info("train step compiled in %.1f s", time.perf_counter() - start)
-  return compiled
+  seconds = time.perf_counter() - start
+  logging.info("train step compiled in %.1f s", seconds)
+  return compiled, seconds
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,6 +227,10 @@ def fit(exp, config, workdir, devices=None):
     if config.train.profile_steps:
       hooks.append(periodic_actions.Profile(logdir=workdir,
                                             num_profile_steps=config.train.profile_steps))
+  meter = accounting.Meter(trainer.step_fn, global_batch=config.data.batch_size,
+                           num_devices=mesh.size, device_kind=mesh.devices.flat[0].device_kind,
+                           compile_seconds=trainer.compile_seconds)
+  writer.write_scalars(int(trainer.state.step), meter.compile_scalars())
   accumulated, pending = None, None
   step = int(trainer.state.step)
   with jax.set_mesh(mesh):
@@ -225,8 +248,8 @@ def fit(exp, config, workdir, devices=None):
       for hook in hooks:
         hook(step)
       if step % config.train.log_every == 0 or step == config.train.steps:
-        writer.write_scalars(step, train_metrics.scalars(
-            accumulated.compute(), exp.partition.cluster_names))
+        writer.write_scalars(step, {**train_metrics.scalars(
+            accumulated.compute(), exp.partition.cluster_names), **meter.scalars(step)})
         accumulated = None
       exp.periodic(trainer, step, writer)
       last = step == config.train.steps
@@ -261,9 +284,12 @@ def pretrain_base(config, workdir):
   exp = experiment.build(cfg, run_dir, from_scratch=True)
   logging.info("pretraining the base model for %d steps in %s", cfg.train.steps, run_dir)
   trainer = fit(exp, cfg, run_dir)
-  if jax.process_index() == 0:
-    params = jax.device_get(optim.merge(trainer.state.params, trainer.frozen))
+  # Gathered by every process (FSDP shards may live on other hosts), written by one.
+  params = multihost_utils.process_allgather(optim.merge(trainer.state.params, trainer.frozen),
+                                             tiled=True)
+  if distributed.is_primary():
     convert.save_diffusers(base_dir, params, exp.lib.tiny_config(**cfg.model.base.to_dict()))
+  distributed.barrier("base_model_saved")  # The others read base/ next.
   return base_dir
 
 
@@ -286,6 +312,8 @@ def train_and_evaluate(config, workdir, mode="train"):
   from grasp_jax import diagnostics
   from grasp_jax import experiment
   from grasp_jax import export
+  from grasp_jax import generate
+  from grasp_jax.evaluation import evaluate as evaluate_lib
   if mode == "train":
     if not config.model.pretrained:
       pretrain_base(config, workdir)
@@ -310,6 +338,15 @@ def train_and_evaluate(config, workdir, mode="train"):
       with open(path, "w") as f:
         json.dump(result, f, indent=2)
     writer.flush()
-  if mode in ("sample", "evaluate"):
-    raise NotImplementedError(f"--mode={mode} is not wired yet")
+  if mode in ("train", "sample", "evaluate"):
+    params, extra = generate.sampling_params(trainer)
+    with jax.set_mesh(trainer.mesh):
+      out = generate.run_sample(exp, params, extra, workdir, mesh=trainer.mesh)
+      if mode != "sample":
+        writer = metric_writers.create_default_writer(workdir,
+                                                      just_logging=jax.process_index() > 0)
+        evaluate_lib.evaluate(exp, params, extra, workdir, writer, step,
+                              rng=jax.random.key(config.seed), mesh=trainer.mesh,
+                              samples=(out.images, out.labels))
+        writer.flush()
   return trainer

@@ -49,6 +49,23 @@ def test_demo_writes_partition_base_checkpoint_and_export(demo_run):
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
 
 
+def test_demo_samples_every_class_and_writes_results(demo_run):
+  workdir, _, _ = demo_run
+  with open(os.path.join(workdir, "samples", "classes.json")) as f:
+    folders = json.load(f)
+  assert len(folders) == 10
+  for folder in folders:
+    pngs = [n for n in os.listdir(os.path.join(workdir, "samples", folder)) if n.endswith(".png")]
+    assert len(pngs) == 2  # config.sample.per_class of the smoke variant.
+  with open(os.path.join(workdir, "results.json")) as f:
+    results = json.load(f)
+  entry = results["4"]
+  text = json.dumps(entry)
+  for group in ("cluster/tail", "frequency/head"):
+    assert group in text
+  assert "fid" in text and "coverage" in text and "vendi" in text
+
+
 def test_diagnose_mode_restores_the_checkpoint(demo_run):
   workdir, args, _ = demo_run
   proc = run_main(*args, "--mode=diagnose", "--config.train.diagnostics_batches=1")
