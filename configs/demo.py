@@ -30,14 +30,17 @@ def get_config(arg=None):
     c.diffusion.objective = "flow"
     c.sample.sampler = "euler"
     c.sample.steps = 28
-  c.model.base_steps = 1500
-  c.train.steps = 600
+  c.model.base_steps = 1000
+  c.train.steps = 400
   c.optim.learning_rate = 3e-4 if arg.method != "full" else 1e-4
   c.train.log_every = 50
   c.train.checkpoint_every = 200
-  c.sample.per_class = 32
-  c.sample.steps = 25 if arg.backbone == "unet" else c.sample.steps
+  c.sample.per_class = 16
+  c.sample.batch_size = 32
+  c.sample.steps = 20 if arg.backbone == "unet" else c.sample.steps
   c.eval.real_per_class = 32
+  c.eval.classifier_steps = 200
+  c.eval.domain_per_class = 300
   if arg.smoke:
     if arg.backbone == "unet":  # Fewer blocks: the smoke run is dominated by XLA compiles.
       c.model.base = dict(block_out_channels=[16, 32], down_block_types=[
