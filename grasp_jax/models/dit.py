@@ -29,6 +29,7 @@ import numpy as np
 
 from grasp_jax.models import adapters
 from grasp_jax.models import attention
+from grasp_jax.models import unet  # TimestepEmbedding (linear_1, SiLU, linear_2) is shared.
 
 QK_NORMS = (None, "rms_norm", "layer_norm")
 _EPS = 1e-6  # Every norm of the SD3 transformer uses this epsilon.
@@ -103,19 +104,6 @@ class PatchEmbed(nn.Module):
     return x.reshape(b, h * w, self.embed_dim) + jnp.asarray(pos, x.dtype)
 
 
-class _MLP(nn.Module):
-  """`linear_1` -> SiLU -> `linear_2` (diffusers TimestepEmbedding, PixArtAlphaTextProjection)."""
-  features: int
-  dtype: jnp.dtype
-
-  @nn.compact
-  def __call__(self, x):
-    x = adapters.Dense(self.features, kernel_axes=(None, "mlp"), dtype=self.dtype,
-                       name="linear_1")(x)
-    return adapters.Dense(self.features, kernel_axes=("mlp", "embed"), dtype=self.dtype,
-                          name="linear_2")(nn.silu(x))
-
-
 class CombinedTimestepTextProjEmbeddings(nn.Module):
   """Conditioning vector: MLP(sinusoid(t)) + MLP(pooled text)."""
   features: int
@@ -123,9 +111,9 @@ class CombinedTimestepTextProjEmbeddings(nn.Module):
 
   @nn.compact
   def __call__(self, timestep, pooled):
-    t = _MLP(self.features, self.dtype, name="timestep_embedder")(
+    t = unet.TimestepEmbedding(self.features, self.dtype, name="timestep_embedder")(
         timestep_embedding(timestep).astype(self.dtype))
-    return t + _MLP(self.features, self.dtype, name="text_embedder")(pooled)
+    return t + unet.TimestepEmbedding(self.features, self.dtype, name="text_embedder")(pooled)
 
 
 class AdaModulation(nn.Module):
