@@ -83,6 +83,11 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
   config = FLAGS.config
+  if config.get("task") == "feature_ddpm":  # The feature-level method has its own runner.
+    write_config(config, FLAGS.workdir)
+    from grasp_jax.features import run
+    run.run(config, FLAGS.workdir)
+    return
   validate_config(config)
   if FLAGS.dry_run:
     from grasp_jax import memory
