@@ -89,7 +89,9 @@ def base_config():
   c.model.pretrained = ""  # A diffusers model folder; '' -> the demo's own pretrained base.
   c.model.dtype = "float32"  # Compute dtype ('bfloat16' on accelerators); params stay fp32.
   c.model.remat = False
-  c.model.vae = ""  # A diffusers AutoencoderKL folder for latent diffusion; '' -> pixel space.
+  # A diffusers AutoencoderKL folder for latent diffusion; '' -> <pretrained>/vae when that
+  # exists, else pixel space.
+  c.model.vae = ""
   # Without `pretrained`, a small base is first trained from scratch with this architecture
   # (overrides of models/<backbone>.tiny_config) and cached in WORKDIR/base as a diffusers folder.
   c.model.base = mlc.ConfigDict()
@@ -97,8 +99,13 @@ def base_config():
   c.model.base_learning_rate = 3e-4
 
   c.text = mlc.ConfigDict()
-  c.text.encoder = "minilm"  # 'minilm' (bundled) or a transformers CLIP text-encoder folder.
+  # 'minilm' (bundled), 'pipeline' (the CLIP text encoders of model.pretrained), or a diffusers
+  # pipeline / transformers CLIP text-encoder folder. See grasp_jax/conditioning.py.
+  c.text.encoder = "minilm"
   c.text.max_length = 77
+  c.text.cache = True  # Encode each distinct prompt once and keep it (False: every batch).
+  c.text.cache_dtype = "float16"  # Cache precision for pipeline encoders (MiniLM keeps float32).
+  c.text.t5_length = 256  # SD3: zero T5 tokens (diffusers' max_sequence_length).
 
   c.method = method_config("grasp", num_clusters=4)
 

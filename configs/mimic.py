@@ -30,6 +30,9 @@ def get_config(arg=None):
   c.model.dtype = "bfloat16"
   c.model.remat = True
   c.text.encoder = "pipeline"  # The pipeline folder's own CLIP text encoder(s).
+  # ~100k distinct report impressions: re-encoding each batch costs a few % of a step, a cache
+  # would hold 12-32 GB (see grasp_jax/conditioning.py).
+  c.text.cache = False
   c.method = common.method_config(arg.method, num_clusters=arg.k, rank=64)
   if arg.backbone == "dit":
     c.diffusion.objective = "flow"

@@ -1,9 +1,10 @@
 """Builds what one run trains from its config: data, partition, text conditioning, model, loss.
 
 The trainer (train.py) only sees an `Experiment`: `init_variables`, `base_on_devices`, `loss_fn`,
-`train_iterator`, `device_batch` and `partition`. Model parameters come from a diffusers folder
-(`config.model.pretrained`), or — for the embedded demo, where no weights can be downloaded — from
-a small base trained here first and cached in WORKDIR/base in the same diffusers layout.
+`train_iterator`, `device_batch`, `encode_batch` and `partition`. Model parameters come from a
+diffusers folder (`config.model.pretrained`), or — for the embedded demo, where no weights can be
+downloaded — from a small base trained here first and cached in WORKDIR/base in the same diffusers
+layout.
 """
 import dataclasses
 import importlib
@@ -18,8 +19,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from grasp_jax import checkpoint
+from grasp_jax import conditioning
 from grasp_jax import diagnostics
 from grasp_jax import distributed
+from grasp_jax import latents
 from grasp_jax import optim
 from grasp_jax import sharding
 from grasp_jax import partition as partition_lib
@@ -29,7 +32,6 @@ from grasp_jax.diffusion import objectives
 from grasp_jax.diffusion import schedules
 from grasp_jax.models import adapters
 from grasp_jax.models import convert
-from grasp_jax.models import text
 
 import grasp_jax.data.builders  # noqa: F401  (registers the TFDS builders)
 
@@ -82,20 +84,6 @@ def class_prompt(dataset, class_name):
     return features.findings_prompt([class_name])
   return features.photo_prompt(class_name)
 
-def text_conditioner(config, workdir):
-  """A cached prompt encoder: prompts -> {'context': [B, L, D], 'pooled': [B, D]}."""
-  if config.text.encoder != "minilm":
-    raise NotImplementedError(f"config.text.encoder={config.text.encoder!r}: only 'minilm' is "
-                              "wired into the trainer so far")
-  encoder = text.load_minilm()
-
-  def encode(prompts):
-    pooled = encoder.encode(list(prompts))
-    return {"context": pooled[:, None, :], "pooled": pooled}
-
-  return text.TextEmbeddingCache.load(os.path.join(workdir, "text_cache.npz"), encode,
-                                      tag="minilm", missing_ok=True)
-
 
 # ---------------------------------------------------------------------------------------------
 # Model.
@@ -124,11 +112,18 @@ def call_args(backbone, x_t, t, cond):
   return (x_t, cond["context"], cond["pooled"], t)
 
 
+def call_kwargs(backbone, cond):
+  """Keyword arguments besides cluster_ids: SDXL's added_cond_kwargs (pooled text, time ids)."""
+  if backbone == "unet" and "time_ids" in cond:
+    return {"added_cond_kwargs": {"text_embeds": cond["pooled"], "time_ids": cond["time_ids"]}}
+  return {}
+
+
 def model_fn_for(module, backbone):
   """Adapts a backbone to `model_fn(variables, x_t, t, cond, cluster_ids) -> (pred, mutated)`."""
   def model_fn(variables, x_t, t, cond, cluster_ids):
     return module.apply(variables, *call_args(backbone, x_t, t, cond), cluster_ids=cluster_ids,
-                        mutable=["intermediates", "losses"])
+                        mutable=["intermediates", "losses"], **call_kwargs(backbone, cond))
   return model_fn
 
 
@@ -146,6 +141,7 @@ class Experiment:
   schedule: Any
   null_cond: Any  # The empty prompt's condition (classifier-free guidance), leaves [L, D] / [D].
   class_cond: Any  # Each class's template-prompt condition, leaves [C, ...] (CBDM's y').
+  codec: Any = None  # latents.LatentCodec for latent diffusion; None in pixel space.
   _heldout: Any = None  # Diagnostics batches, made on first use.
 
   # --- what the trainer calls -----------------------------------------------------------------
@@ -158,17 +154,18 @@ class Experiment:
     spares compiling the random init of the whole backbone.
     """
     c = self.config
-    x = jnp.zeros((1, c.data.image_size, c.data.image_size, c.data.channels))
+    x = jnp.zeros((1,) + self.latent_shape)
     cond = jax.tree.map(lambda v: jnp.asarray(v)[None], self.null_cond)
     ids = jnp.zeros((1,), jnp.int32)
     args = call_args(c.model.backbone, x, ids, cond)
+    kwargs = dict(cluster_ids=ids, **call_kwargs(c.model.backbone, cond))
     if base is None:
-      variables = self.module.init(rng, *args, cluster_ids=ids)
+      variables = self.module.init(rng, *args, **kwargs)
     else:
-      _, variables = self.module.apply({"params": base}, *args, cluster_ids=ids,
+      _, variables = self.module.apply({"params": base}, *args, **kwargs,
                                        rngs={"params": rng}, mutable=["params", "selora"])
     if c.diffusion.coral_weight:
-      _, mutated = self.module.apply(variables, *args, cluster_ids=ids, mutable=["intermediates"])
+      _, mutated = self.module.apply(variables, *args, **kwargs, mutable=["intermediates"])
       feats = objectives.bottleneck_features(mutated["intermediates"])
       head = objectives.CoralHead().init(jax.random.fold_in(rng, 1), feats)["params"]
       variables = {**variables, "params": {**variables["params"], "coral_head": head}}
@@ -196,10 +193,29 @@ class Experiment:
             "label": host_batch["label"].astype(np.int32),
             **self.conditioner.lookup(prompts)}
 
+  def encode_batch(self, batch, rng):
+    """A placed batch -> what the step trains on: images become VAE latents (sampled from the
+    posterior with `rng`) in latent diffusion; unchanged in pixel space."""
+    if self.codec is None:
+      return batch
+    return {**batch, "image": self.codec.encode(batch["image"], rng)}
+
+  @property
+  def latent_shape(self):
+    """(H, W, C) of the backbone's samples: VAE latents, or the images in pixel space."""
+    c = self.config.data
+    image = (c.image_size, c.image_size, c.channels)
+    return self.codec.latent_shape(image) if self.codec is not None else image
+
+  def decode_latents(self, samples):
+    """The backbone's samples -> images (identity in pixel space). A jitted call on arrays:
+    apply it to the sampler's output, not inside another jitted function."""
+    return samples if self.codec is None else self.codec.decode(samples)
+
   def loss_fn(self, params, extra, batch, rng):
     """Per-sample loss [B] and the scalar auxiliary loss (MoE load balancing)."""
     c = self.config
-    cond = {k: batch[k] for k in ("context", "pooled")}
+    cond = {k: batch[k] for k in self.null_cond}
     common = dict(null_cond=self.null_cond, cond_drop_prob=c.diffusion.cfg_dropout,
                   cbdm=self._cbdm() if c.diffusion.cbdm_weight else None)
     model_params = {k: v for k, v in params.items() if k != "coral_head"}
@@ -242,8 +258,9 @@ class Experiment:
         self.builder, c.data.eval_split, batch_size=c.data.batch_size // jax.process_count(),
         image_size=c.data.image_size, channels=c.data.channels, partition=self.partition,
         seed=c.seed + 1, shuffle=True, balance="class"))
-    return [sharding.put_batch(self.device_batch(next(it)), mesh)
-            for _ in range(c.train.diagnostics_batches)]
+    return [self.encode_batch(sharding.put_batch(self.device_batch(next(it)), mesh),
+                              jax.random.fold_in(jax.random.key(c.seed + 1), i))
+            for i in range(c.train.diagnostics_batches)]
 
   def periodic(self, trainer, step, writer):
     """In-training hooks: gradient diagnostics, per-cluster sample grids, evaluation."""
@@ -306,10 +323,28 @@ def build(config, workdir, *, from_scratch=False):
     del base_module
     base_hash = checkpoint.folder_hash(folder)
   logging.info("partition:\n%s", partition_lib.format_table(part))
-  conditioner = text_conditioner(config, workdir)
-  null_cond = {k: v[0] for k, v in conditioner.lookup([""]).items()}
+  codec = load_codec(config, module)
+  conditioner = conditioning.load_conditioner(config, workdir)
+  null_cond = conditioner.null_condition()
   class_cond = conditioner.lookup([class_prompt(config.data.name, n) for n in part.class_names])
   return Experiment(config=config, workdir=workdir, builder=builder, partition=part,
                     conditioner=conditioner, module=module, lib=lib, base_params=base_params,
                     base_hash=base_hash, schedule=make_schedule(config, folder),
-                    null_cond=null_cond, class_cond=class_cond)
+                    null_cond=null_cond, class_cond=class_cond, codec=codec)
+
+
+def load_codec(config, module):
+  """The VAE of latent diffusion (config.model.vae, else <pretrained>/vae), checked against the
+  backbone's input channels; None in pixel space."""
+  folder = latents.vae_folder(config)
+  if folder is None:
+    return None
+  codec = latents.load_codec(folder)
+  c = config.data
+  shape = codec.latent_shape((c.image_size, c.image_size, c.channels))
+  if shape[-1] != module.in_channels:
+    raise ValueError(f"{folder}: the VAE makes {shape[-1]} latent channels, the "
+                     f"{config.model.backbone} takes in_channels={module.in_channels}")
+  logging.info("latent diffusion: %s images -> %s latents (VAE %s)",
+               (c.image_size, c.image_size, c.channels), shape, folder)
+  return codec

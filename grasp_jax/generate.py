@@ -93,7 +93,8 @@ def to_uint8(images):
 
 def _model_space(exp):
   """(sample shape, decode to [-1, 1] images). The latent-diffusion hook: an experiment with a
-  VAE provides `latent_shape` and a jittable `decode_latents(latents) -> images`."""
+  VAE provides `latent_shape` and `decode_latents(latents) -> images`, a jitted call of its own
+  (the VAE parameters are its argument), applied to the sampler's output."""
   c = exp.config
   if hasattr(exp, "decode_latents"):
     return tuple(exp.latent_shape), exp.decode_latents
@@ -124,10 +125,11 @@ def _sampler(exp, batch_size, mesh):
                          null_cond=null_cond, guidance_scale=float(c.sample.guidance_scale),
                          num_steps=int(c.sample.steps), sampler=SAMPLERS[c.sample.sampler],
                          x_init=x_init)
-    return decode(x0)
+    return x0
 
   out = sharding.replicated(mesh) if mesh is not None else None
-  fn = jax.jit(run, out_shardings=out)
+  sample = jax.jit(run, out_shardings=out)
+  fn = lambda *args: decode(sample(*args))
   _COMPILED[key] = (exp, fn)
   return fn
 

@@ -163,6 +163,15 @@ def _selora_growth(step, params, extra, fisher, config):
           pick(reset, fisher))
 
 
+def _example_batch(exp, mesh):
+  """One process's share of a step's batch: shapes and dtypes as the step takes them (latents
+  in latent diffusion, so one batch is encoded here)."""
+  host = exp.device_batch(next(exp.train_iterator()))
+  placed = exp.encode_batch(sharding.put_batch(host, mesh), jax.random.key(0))
+  return jax.tree.map(lambda h, x: jax.ShapeDtypeStruct(h.shape[:1] + x.shape[1:], x.dtype),
+                      host, placed)
+
+
 def compile_step(exp, config, mesh, tx, state, frozen, example_batch):
   """AOT-compiles the step; returns (compiled, seconds). `example_batch`: one process's share."""
   state_sh = jax.tree.map(lambda x: x.sharding, state)
@@ -205,8 +214,7 @@ def fit(exp, config, workdir, devices=None):
   """
   mesh = sharding.make_mesh(config.mesh, devices)
   data_iter = exp.train_iterator()
-  host_batch = exp.device_batch(next(exp.train_iterator()))
-  trainer = setup(exp, config, mesh, host_batch)
+  trainer = setup(exp, config, mesh, _example_batch(exp, mesh))
   mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"),
                             save_every=config.train.checkpoint_every,
                             keep=config.train.keep_checkpoints)
@@ -233,10 +241,12 @@ def fit(exp, config, workdir, devices=None):
   writer.write_scalars(int(trainer.state.step), meter.compile_scalars())
   accumulated, pending = None, None
   step = int(trainer.state.step)
+  encode_key = jax.random.split(jax.random.key(config.seed))[1]  # VAE posterior samples.
   with jax.set_mesh(mesh):
     while step < config.train.steps:
       host = next(data_iter)
-      batch = sharding.put_batch(exp.device_batch(host), mesh)
+      batch = exp.encode_batch(sharding.put_batch(exp.device_batch(host), mesh),
+                               jax.random.fold_in(encode_key, step))
       trainer.state, metrics, finite = trainer.step_fn(trainer.state, trainer.frozen, batch)
       step += 1
       # The previous step's flag is read after this step is queued, so the host never stalls
@@ -297,7 +307,7 @@ def restore_latest(exp, config, workdir):
   """A Trainer holding the latest checkpoint of WORKDIR (for the sample/evaluate/... modes)."""
   mesh = sharding.make_mesh(config.mesh)
   data_iter = exp.train_iterator()
-  trainer = setup(exp, config, mesh, exp.device_batch(next(exp.train_iterator())))
+  trainer = setup(exp, config, mesh, _example_batch(exp, mesh))
   mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"), save_every=1, keep=1)
   step = mngr.latest_step()
   if step is None:

@@ -65,6 +65,10 @@ class ToyExperiment:
   def device_batch(self, host_batch):
     return host_batch
 
+  def encode_batch(self, batch, rng):
+    del rng
+    return batch
+
   def loss_fn(self, params, extra, batch, rng):
     del rng
     y = self.module.apply({"params": params, **extra}, batch["x"], batch["cluster_id"])

@@ -413,7 +413,10 @@ def _clip_bpe(vocab_file, merges_file, special):
   tok.decoder = decoders.ByteLevel()
   tok.post_processor = processors.TemplateProcessing(
       single=f"{bos} $A {eos}", special_tokens=[(bos, vocab[bos]), (eos, vocab[eos])])
-  tok.add_special_tokens([bos, eos])
+  # transformers' CLIPTokenizer splits every special token out of the text first, including a
+  # pad token that is an ordinary character ('!' in the SD 2.x / SDXL / SD3 tokenizer_2).
+  pad = special.get("pad_token")
+  tok.add_special_tokens([bos, eos] + ([pad] if pad in vocab and pad not in (bos, eos) else []))
   return tok
 
 
