@@ -22,7 +22,8 @@ def manager(directory, *, save_every, keep, async_save=True):
   handlers = {"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
               "config": ocp.JsonCheckpointHandler(), "partition": ocp.JsonCheckpointHandler(),
               "base": ocp.JsonCheckpointHandler()}
-  return ocp.CheckpointManager(directory, item_names=ITEMS, item_handlers=handlers,
+  # orbax's async save rejects relative paths (e.g. the README's --workdir=workdir/demo).
+  return ocp.CheckpointManager(os.path.abspath(directory), item_names=ITEMS, item_handlers=handlers,
                                options=options)
 
 

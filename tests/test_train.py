@@ -103,10 +103,11 @@ def test_sharded_step_equals_single_device(tmp_path):
                trainable(single), trainable(sharded))
 
 
-def test_resume_matches_uninterrupted(tmp_path):
+def test_resume_matches_uninterrupted(tmp_path, monkeypatch):
   full = train.fit(ToyExperiment(toy_config(6, 3), (0, 1, 2, 3)), toy_config(6, 3),
                    str(tmp_path / "full"))
-  part = str(tmp_path / "part")
+  monkeypatch.chdir(tmp_path)
+  part = "part"  # Relative, as the README's --workdir=workdir/demo.
   train.fit(ToyExperiment(toy_config(3, 3), (0, 1, 2, 3)), toy_config(3, 3), part)
   resumed = train.fit(ToyExperiment(toy_config(6, 3), (0, 1, 2, 3)), toy_config(6, 3), part)
   assert int(resumed.state.step) == 6
