@@ -23,34 +23,19 @@ What is mergeable, and what diffusers' stock PyTorch `from_pretrained` loads (di
                     GELU-tanh (SD3): r units with proj = down_k (needs activation 'gelu_tanh');
                   and `net.2` gains the columns up_k, its bias += up_bias_k. One folder per
                   cluster: `cluster_<k>_<name>/`.
-                  Stock `from_pretrained`: NO. No diffusers config field sets the FFN width of
-                  these models: `Transformer2DModel` (the UNet's attention blocks) never passes
-                  `ff_inner_dim` to `BasicTransformerBlock`, and `JointTransformerBlock` builds
-                  `FeedForward(dim, dim_out=dim, activation_fn='gelu-approximate')` with the
-                  fixed 4x width. Stock `from_pretrained` therefore stops with diffusers' own
-                  shape-mismatch error (it never loads a wrong model silently; its escape hatch
-                  `ignore_mismatched_sizes` would re-initialise the FFNs and is not a route).
-                  The folder does load exactly, with stock diffusers modules, by swapping in
-                  wider `FeedForward`s before a strict `load_state_dict`; `config.json` carries
-                  the widths under `_grasp_jax` (diffusers ignores '_' keys):
+                  Loaded by diffusers' PyTorch `from_pretrained` through remote code that
+                  ships in the folder (`grasp_ffn.py`, `auto_map` in config.json; the widths
+                  are under `_grasp_jax`, which diffusers' config parsing ignores):
 
-                    from diffusers import UNet2DConditionModel   # or SD3Transformer2DModel
-                    from diffusers.models.attention import FeedForward
-                    from safetensors.torch import load_file
-                    cfg = UNet2DConditionModel.load_config(folder)
-                    model = UNet2DConditionModel.from_config(cfg)
-                    meta = cfg["_grasp_jax"]
-                    for name, width in meta["ff_inner_dim"].items():
-                      old = model.get_submodule(name)
-                      parent, _, attr = name.rpartition(".")
-                      setattr(model.get_submodule(parent), attr, FeedForward(
-                          old.net[0].proj.in_features, old.net[2].out_features,
-                          inner_dim=width, activation_fn=meta["ff_activation_fn"]))
-                    model.load_state_dict(
-                        load_file(f"{folder}/diffusion_pytorch_model.safetensors"))
+                    from diffusers import AutoModel
+                    model = AutoModel.from_pretrained(folder, trust_remote_code=True)
 
-                  (Our own `convert.load_diffusers` does not read widened folders either; the
-                  Flax model uses the adapters directly.)
+                  The stock classes (`UNet2DConditionModel.from_pretrained(folder)`) refuse it
+                  with diffusers' own shape-mismatch error: no diffusers config field sets the
+                  FFN width of these models (`Transformer2DModel` never passes `ff_inner_dim`
+                  to `BasicTransformerBlock`; `JointTransformerBlock` fixes 4x), so a wrong
+                  model is never loaded silently. (Our own `convert.load_diffusers` does not
+                  read widened folders; the Flax model uses the adapters directly.)
   moe             not mergeable: a learned router mixes the experts per token, so no cluster
                   (nor any single weight set) is the model; export_diffusers raises.
 """
@@ -78,6 +63,7 @@ _FORMAT = "grasp_jax.adapters/1"
 _FFN_ACTIVATION = {"UNet2DConditionModel": "geglu", "MMDiT": "gelu-approximate"}
 _ABSORBABLE = {"geglu": "gelu", "gelu-approximate": "gelu_tanh"}
 _ADAPTER_LEAVES = ("down", "down_bias", "up", "up_bias")
+_REMOTE_CODE = os.path.join(os.path.dirname(__file__), "remote", "grasp_ffn.py")
 
 
 class NotMergeableError(ValueError):
@@ -294,8 +280,12 @@ def _write_folder(path, params, base_config, module, meta):
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
   save_file(state, os.path.join(tmp, "diffusion_pytorch_model.safetensors"))
+  extra = {}
+  if meta["method"] == "grasp":  # Widened FFNs: diffusers loads them through remote code.
+    shutil.copy(_REMOTE_CODE, tmp)
+    extra["auto_map"] = {"AutoModel": f"grasp_ffn.Grasp{base_config['_class_name']}"}
   with open(os.path.join(tmp, "config.json"), "w") as f:
-    json.dump({**base_config, "_grasp_jax": meta}, f, indent=2)
+    json.dump({**base_config, **extra, "_grasp_jax": meta}, f, indent=2)
   shutil.rmtree(path, ignore_errors=True)
   os.replace(tmp, path)  # A reader never sees a half-written folder under the final name.
   return path
@@ -312,8 +302,9 @@ def export_diffusers(params, module, config, partition, base_folder, out_dir, cl
   base_folder: the diffusers folder of the frozen base (its config.json is the new folders').
   clusters: GRASP cluster ids or names to write (default: all); other methods take None.
   selora: the 'selora' collection, for SeLoRA.
-  Folders: grasp -> cluster_<k>_<name>/ (widened FFNs; see the module docstring for how PyTorch
-  loads them: NOT stock `from_pretrained`); lora/selora/full -> merged/ (stock `from_pretrained`).
+  Folders: grasp -> cluster_<k>_<name>/ (widened FFNs + remote code: diffusers'
+  `AutoModel.from_pretrained(folder, trust_remote_code=True)`); lora/selora/full -> merged/
+  (stock `from_pretrained`).
   Raises NotMergeableError for MoE and unabsorbable GRASP activations.
   """
   method = module.adapter.method

@@ -20,8 +20,6 @@ from grasp_jax.models import unet
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
-from diffusers.models.attention import FeedForward  # noqa: E402
-from safetensors.torch import load_file as torch_load_file  # noqa: E402
 
 diffusers.utils.logging.set_verbosity_error()
 
@@ -90,20 +88,9 @@ def _torch_forward(model, backbone, inputs):
   return out.numpy().transpose(0, 2, 3, 1)
 
 
-def _load_widened(cls, folder):
-  """The recipe of export.py's docstring: stock modules, wider FeedForwards, strict load."""
-  cfg = cls.load_config(folder)
-  model = cls.from_config(cfg)
-  meta = cfg["_grasp_jax"]
-  for name, width in meta["ff_inner_dim"].items():
-    old = model.get_submodule(name)
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent), attr, FeedForward(
-        old.net[0].proj.in_features, old.net[2].out_features, inner_dim=width,
-        activation_fn=meta["ff_activation_fn"]))
-  model.load_state_dict(
-      torch_load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors")))
-  return model.eval()
+def _load_widened(folder):
+  """diffusers' own loader, through the remote code the GRASP folder ships."""
+  return diffusers.AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
 
 
 def _setup(backbone, adapter, tmp_path, mask=None):
@@ -132,7 +119,7 @@ def _close(out, ref):
 
 
 # ---------------------------------------------------------------------------------------------
-# GRASP: one folder per cluster, widened FFNs, exact; not loadable by stock from_pretrained.
+# GRASP: one folder per cluster, widened FFNs, exact; loaded by AutoModel + the shipped code.
 
 @pytest.mark.parametrize("backbone,activation", [("unet", "gelu"), ("sd3", "gelu_tanh")])
 def test_grasp_cluster_export_matches_flax(backbone, activation, tmp_path):
@@ -148,7 +135,7 @@ def test_grasp_cluster_export_matches_flax(backbone, activation, tmp_path):
   outs = []
   for k, folder in enumerate(folders):
     ref = np.asarray(apply(variables, *inputs, np.full(2, k, np.int32)))
-    out = _torch_forward(_load_widened(cls, folder), backbone, inputs)
+    out = _torch_forward(_load_widened(folder), backbone, inputs)
     assert _close(out, ref) < 1e-4, f"cluster {k}"
     assert _close(base_out, ref) > 1e-2  # The adapter matters at this tolerance.
     outs.append(out)
