@@ -115,6 +115,9 @@ def base_config():
   c.diffusion.num_train_timesteps = 1000
   c.diffusion.cfg_dropout = 0.1
   c.diffusion.min_snr_gamma = 0.0  # 0 = off.
+  # Samplers clip predicted x0 to [-1, 1] (diffusers' clip_sample): for pixel-space models; a
+  # pretrained pipeline's scheduler config overrides it.
+  c.diffusion.clip_sample = False
   c.diffusion.flow_shift = 3.0
   c.diffusion.cbdm_weight = 0.0  # tau of CBDM; 0 = off.
   c.diffusion.cbdm_prior = "uniform"  # y' ~ 'uniform' (fine-tuning) or train 'frequency'.
@@ -169,4 +172,6 @@ def base_config():
   c.eval.domain_per_class = 1000  # Domain classifier: train images per class (balanced).
   c.eval.train_per_class = 0  # Real train images per class for the downstream classifier; 0 = all.
   c.eval.downstream = True
+  # Where the domain classifier and the real-only downstream baseline are cached ('' = WORKDIR).
+  c.eval.cache_dir = ""
   return c

@@ -23,7 +23,8 @@ strategy with k=3).
 The domain classifier (DenseNet family, grasp_jax.evaluation.classifier) is trained once on the
 *train* split, class-balanced by repeating or subsampling to config.eval.domain_per_class images
 per class (default 1000; the eval split stays unseen), and cached as
-WORKDIR/domain_classifier/<hash of its config>.msgpack. Every metric block records its N, the
+CACHE/domain_classifier/<hash of its config>.msgpack (CACHE: config.eval.cache_dir, default
+WORKDIR; a study shares one across runs). Every metric block records its N, the
 resolution and the feature weights' sha1; the step's `meta` records the sampler settings and a
 sha256 of the evaluated parameters.
 
@@ -32,7 +33,7 @@ Outputs: WORKDIR/results.json ({step: results}, merged with earlier steps), CLU 
 grid) as WORKDIR/plots/step_<step>/<name>.png and TensorBoard images `eval_plots/<name>`.
 Optional config fields read with defaults: eval.domain_per_class (1000), eval.train_per_class
 (0 = all train images are loaded for the downstream classifier), eval.classifier_batch_size (64),
-eval.downstream (True; False skips the three downstream classifiers).
+eval.downstream (True; False skips the three downstream classifiers), eval.cache_dir ('').
 """
 import functools
 import hashlib
@@ -125,6 +126,10 @@ def _balanced(images, labels, per_class, seed):
 _DOMAIN = {}  # cache file -> (Classifier, its msgpack bytes)
 
 
+def _cache_dir(config, workdir):
+  return config.eval.get("cache_dir", "") or workdir
+
+
 def domain_classifier(exp, workdir, train_images, train_labels):
   """The domain classifier trained on the balanced train images, cached in the workdir.
 
@@ -142,7 +147,7 @@ def domain_classifier(exp, workdir, train_images, train_labels):
           "per_class": per_class, "train_per_class": int(c.eval.get("train_per_class", 0)),
           "n_train": int(len(train_labels)), "seed": int(c.seed)}
   key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-  path = os.path.join(workdir, "domain_classifier", f"{key}.msgpack")
+  path = os.path.join(_cache_dir(c, workdir), "domain_classifier", f"{key}.msgpack")
   if path in _DOMAIN:  # Same process: keep its compiled forward pass too.
     clf, data = _DOMAIN[path]
   elif os.path.exists(path):
@@ -168,6 +173,16 @@ def domain_classifier(exp, workdir, train_images, train_labels):
   info = {"features": "domain_densenet_penultimate", "weights_sha1": hashlib.sha1(data).hexdigest(),
           "resolution": c.data.image_size, "resize": "as training", "file": path, "train": spec}
   return clf, info
+
+
+_REAL_INCEPTION = {}  # sha1 of the real images -> features: evaluations of one process share them
+
+
+def _real_inception(real):
+  key = hashlib.sha1(real.tobytes()).hexdigest()
+  if key not in _REAL_INCEPTION:
+    _REAL_INCEPTION[key] = _inception()(real)
+  return _REAL_INCEPTION[key]
 
 
 @functools.lru_cache(maxsize=1)
@@ -235,7 +250,7 @@ def downstream_block(exp, workdir, train, fake, fake_y, test, test_y, groups):
   """Classifiers trained on real, real + synthetic and synthetic images, tested on real ones.
 
   The real-only baseline does not depend on the generator: it is computed once and cached as
-  WORKDIR/downstream_real/<hash of its config>.json.
+  CACHE/downstream_real/<hash of its config>.json.
   """
   c = exp.config
   names = exp.partition.class_names
@@ -251,7 +266,7 @@ def downstream_block(exp, workdir, train, fake, fake_y, test, test_y, groups):
           "seed": int(c.seed), "n_train": int(len(train[1])),
           "test": np.bincount(test_y, minlength=num_classes).tolist(), "groups": groups}
   key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-  cached = os.path.join(workdir, "downstream_real", f"{key}.json")
+  cached = os.path.join(_cache_dir(c, workdir), "downstream_real", f"{key}.json")
   runs = {"real": (train, None), "real+synthetic": (train, (fake, fake_y)),
           "synthetic": ((fake, fake_y), None)}
   for variant, ((images, labels), extra) in runs.items():
@@ -425,9 +440,8 @@ def evaluate(exp, params, extra, workdir, writer, step, *, rng, mesh=None, sampl
                                     clf_info)
   if c.eval.inception:
     inception = _inception()
-    feats = inception(both)
-    results["inception"] = feature_block(feats[:n], real_y, feats[n:], fake_y, groups, order,
-                                         names, inception.info())
+    results["inception"] = feature_block(_real_inception(real), real_y, inception(fake), fake_y,
+                                         groups, order, names, inception.info())
   results["ms_ssim"] = ms_ssim_block(real, real_y, fake, fake_y, groups, order, names)
   results["domain_accuracy"] = accuracy_block(
       preds[:n], real_y, preds[n:], fake_y, groups, order, names,
