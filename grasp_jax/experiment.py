@@ -302,7 +302,7 @@ def make_schedule(config, folder):
     return schedules.FlowSchedule(num_train_timesteps=d.num_train_timesteps, shift=d.flow_shift)
   prediction = {"eps": "epsilon", "v": "v_prediction"}[d.objective]
   return schedules.ddpm_schedule(d.schedule, d.num_train_timesteps,
-                                 prediction_type=prediction)
+                                 prediction_type=prediction, clip_sample=d.clip_sample)
 
 
 def build(config, workdir, *, from_scratch=False):
