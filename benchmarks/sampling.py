@@ -4,8 +4,8 @@ r"""Sampling throughput: images/s of DDIM (UNet) and flow Euler (MMDiT), with an
   python benchmarks/sampling.py --quick    # smoke test, < 1 min
 
 Each row is one jitted `diffusion.samplers.sample` call (the whole loop is one lax.scan) producing
-a batch of B images from noise: DDIM 50 steps on the demo UNet (models/unet.tiny_config, eps,
-linear schedule), Euler 28 steps on the demo MMDiT (models/dit.tiny_config, flow, shift 3), both
+a batch of B images from noise: DDIM 50 steps on the small UNet (models/unet.tiny_config, eps,
+linear schedule), Euler 28 steps on the small MMDiT (models/dit.tiny_config, flow, shift 3), both
 at 32x32x1 with a MiniLM-sized context [B, 1, 384]. CFG (scale 3) runs the conditional and the
 unconditional pass as one model call on 2B samples. Methods: `none` the base model, `grasp` with
 K=4 rank-8 adapters and per-sample cluster ids (what the demo samples with). Times are medians of

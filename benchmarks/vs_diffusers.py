@@ -13,7 +13,7 @@ CPU threads: torch.set_num_threads(N) and XLA_FLAGS intra_op_parallelism_threads
 pool on; N = nproc unless --threads. Times are medians of interleaved rounds (timing.interleaved).
 
 Configs:
-  tiny  models/unet.tiny_config(): the demo UNet, 32x32x1, MiniLM context [B, 1, 384].
+  tiny  models/unet.tiny_config(): the small UNet, 32x32x1, MiniLM context [B, 1, 384].
   sd    SD 1.x's architecture (3 cross-attention down blocks + 1 plain, 2 layers per block, 8
         heads, conv proj_in, context 77 x 768) at a fifth of its width (64, 128, 256, 256) on a
         32x32x4 latent (256 px).
