@@ -54,8 +54,9 @@ def _results(rng):
           "inception": feature_block(), "domain": feature_block(),
           "ms_ssim": {"groups": {f"frequency/{g}": {"ms_ssim": float(rng.uniform())}
                                  for g in report.GROUPS}},
-          "domain_accuracy": {"groups": {f"frequency/{g}": {"accuracy": float(rng.uniform())}
-                                         for g in report.GROUPS}},
+          "domain_accuracy": {"groups": {f"frequency/{g}": {"accuracy": float(rng.uniform()),
+                                                            "accuracy_real": 0.5 + 0.1 * i}
+                                         for i, g in enumerate(report.GROUPS)}},
           "downstream": {"real": downstream(), "real+synthetic": downstream()}}
 
 
@@ -89,6 +90,7 @@ def test_aggregate_matches_a_per_record_loop(tmp_path):
     assert json.load(f)["full"]["dit"]["seeds"] == [0]
   doc = (tmp_path / "RESULTS.md").read_text()
   assert "## unet" in doc and "## dit" in doc and "grasp vs full" in doc
+  assert "| *real test images* | 0.5 | 0.6 | 0.7 | 0.8 | n/a |" in doc
   assert (tmp_path / "study" / "fid_unet.png").exists()
 
 
