@@ -38,11 +38,12 @@ def run_metrics(results):
       for m in ("fid", "kid", "precision", "recall", "density", "coverage", "vendi"):
         if block and block.get(m) is not None:
           out[g][f"{space}_{m}"] = block[m]
+    accuracy = results["domain_accuracy"]
+    accuracy = accuracy["all"] if g == "all" else accuracy["groups"][group_key(g)]
+    out[g]["domain_accuracy"] = accuracy["accuracy"]
+    out[g]["domain_accuracy_real"] = accuracy.get("accuracy_real")
     if g != "all":
       out[g]["ms_ssim"] = results["ms_ssim"]["groups"][group_key(g)]["ms_ssim"]
-      accuracy = results["domain_accuracy"]["groups"][group_key(g)]
-      out[g]["domain_accuracy"] = accuracy["accuracy"]
-      out[g]["domain_accuracy_real"] = accuracy.get("accuracy_real")
     for variant in ("real", "real+synthetic", "synthetic"):
       block = results.get("downstream", {}).get(variant)
       if not block:
@@ -153,7 +154,10 @@ def findings(agg, backbone, reference="grasp"):
         wins.append(column)
       else:
         losses.append(column)
-    out.append(f"- {reference} vs {run}: better on {', '.join(wins) or 'nothing'}; worse on "
+    single = "" if ref["tail"].get("inception_fid", {}).get("n", 1) > 1 or other["tail"].get(
+        "inception_fid", {}).get("n", 1) > 1 else (
+            " (one seed each: no spread measured, so small differences may be noise)")
+    out.append(f"- {reference} vs {run}{single}: better on {', '.join(wins) or 'nothing'}; worse on "
                f"{', '.join(losses) or 'nothing'}; within seed spread on "
                f"{', '.join(ties) or 'nothing'}.")
   return out

@@ -56,7 +56,8 @@ def _results(rng):
                                  for g in report.GROUPS}},
           "domain_accuracy": {"groups": {f"frequency/{g}": {"accuracy": float(rng.uniform()),
                                                             "accuracy_real": 0.5 + 0.1 * i}
-                                         for i, g in enumerate(report.GROUPS)}},
+                                         for i, g in enumerate(report.GROUPS)},
+                              "all": {"accuracy": 0.25, "accuracy_real": 0.75}},
           "downstream": {"real": downstream(), "real+synthetic": downstream()}}
 
 
@@ -90,7 +91,7 @@ def test_aggregate_matches_a_per_record_loop(tmp_path):
     assert json.load(f)["full"]["dit"]["seeds"] == [0]
   doc = (tmp_path / "RESULTS.md").read_text()
   assert "## unet" in doc and "## dit" in doc and "grasp vs full" in doc
-  assert "| *real test images* | 0.5 | 0.6 | 0.7 | 0.8 | n/a |" in doc
+  assert "| *real test images* | 0.5 | 0.6 | 0.7 | 0.8 | 0.75 |" in doc
   assert (tmp_path / "study" / "fid_unet.png").exists()
 
 
@@ -106,6 +107,13 @@ def test_findings_call_ties_within_seed_spread():
   line, = report.findings(agg, "unet")
   assert line == ("- grasp vs full: better on cov. Inc.; worse on FID dom.; within seed spread "
                   "on FID Inc..")
+  for run in agg.values():
+    for stat in run["unet"]["tail"].values():
+      stat.update(n=1, std=0.0)
+  line, = report.findings(agg, "unet")
+  assert line.startswith("- grasp vs full (one seed each: no spread measured")
+  assert line.endswith(": better on FID Inc., cov. Inc.; worse on FID dom.; within seed spread on "
+                       "nothing.")
 
 
 def test_study_smoke_end_to_end(tmp_path):
