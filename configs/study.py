@@ -36,7 +36,9 @@ def get_config(arg=None):
   c = demo.get_config(f"backbone={arg.backbone},method={method},seed={arg.seed},"
                       f"cbdm={cbdm},coral={coral},smoke={arg.smoke}")
   c.model.pretrained = arg.base
-  c.model.base_steps = 1500 if not arg.smoke else c.model.base_steps  # Twice the demo's base.
+  if not arg.smoke:  # A stronger base and classifiers than the 10-minute demo's.
+    c.model.base_steps = 1500
+    c.eval.classifier_steps = 200
   c.method.moe_mode = moe_mode
   c.eval.cache_dir = arg.cache
   return c
