@@ -36,7 +36,7 @@ def get_config(arg=None):
     c.diffusion.objective = "flow"
     c.sample.sampler = "euler"
     c.sample.steps = 28
-  c.model.base_steps = 700
+  c.model.base_steps = 600
   c.diffusion.clip_sample = c.model.backbone == "unet"  # Pixel space, as diffusers' DDPM default.
   c.model.base_learning_rate = 1e-3
   c.train.steps = 300
@@ -47,7 +47,7 @@ def get_config(arg=None):
   c.sample.batch_size = 32
   c.sample.steps = 20 if arg.backbone == "unet" else c.sample.steps
   c.eval.real_per_class = 24
-  c.eval.classifier_steps = 200
+  c.eval.classifier_steps = 150
   c.eval.domain_per_class = 300
   if arg.smoke:
     if arg.backbone == "unet":  # Fewer blocks: the smoke run is dominated by XLA compiles.
