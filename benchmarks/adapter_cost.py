@@ -3,7 +3,7 @@ r"""Train-step cost of GRASP's K gathered adapters vs one shared adapter vs dens
   python benchmarks/adapter_cost.py            # full: workloads ffn, site, unet (~10 min, 2 cores)
   python benchmarks/adapter_cost.py --quick    # smoke test, < 1 min
 
-Every row is one compiled train step, `grasp_jax.train._train_step` itself (value_and_grad over the
+Every row is one compiled train step, `grasp_jax.trainer.loop.train_step` itself (value_and_grad over the
 trainable adapters only, AdamW with lazy per-cluster rows, global-norm clipping), on the same batch
 with the backbone frozen. Times are medians of interleaved rounds (see timing.interleaved); memory
 is XLA's buffer assignment of the compiled step (arguments + temporaries; CPU has no peak counter).
@@ -59,13 +59,14 @@ import ml_collections as mlc
 import numpy as np
 
 from configs import common
-from grasp_jax import optim
-from grasp_jax import train
+from grasp_jax.trainer import optim
+from grasp_jax.trainer import loop
 from grasp_jax.diffusion import objectives
 from grasp_jax.diffusion import schedules
 from grasp_jax.models import adapters
 from grasp_jax.models import attention
 from grasp_jax.models import unet
+from grasp_jax.models import trainable as trainable_lib
 
 TARGET_GRASP_VS_SHARED = 1.05  # GRASP K=8 step <= 1.05x the shared adapter's.
 TARGET_MOE_VS_GRASP = 2.0  # Dense MoE K=8 step >= 2x GRASP K=8's.
@@ -130,7 +131,7 @@ class _Partition:
 
 
 class StackExperiment:
-  """What `train._train_step` needs from an Experiment, for the FFN stack: per-sample MSE."""
+  """What `loop.train_step` needs from an Experiment, for the FFN stack: per-sample MSE."""
 
   def __init__(self, module, num_clusters, aux_weight):
     self.module, self.partition, self.aux_weight = module, _Partition(num_clusters), aux_weight
@@ -181,15 +182,15 @@ def _method(name, rank, workload):
 
 
 def build_step(exp, config, init_args, batch):
-  """Compiled `_train_step` on a fresh state; returns (compiled, state, frozen)."""
+  """Compiled `train_step` on a fresh state; returns (compiled, state, frozen)."""
   variables = nn.unbox(exp.module.init(jax.random.key(0), *init_args))
-  trainable, frozen = optim.split(variables["params"], (r".*/(adapter|shared_adapter)/.*",))
+  trainable, frozen = trainable_lib.split(variables["params"], (r".*/(adapter|shared_adapter)/.*",))
   tx = optim.make_optimizer(config.optim, config.train.steps, config.method)
   # Fields other than these (EMA, SeLoRA's) are empty for the methods measured here.
-  fields = {f.name: {} for f in dataclasses.fields(train.TrainState)}
-  state = train.TrainState(**{**fields, "step": jnp.zeros((), jnp.int32), "params": trainable,
+  fields = {f.name: {} for f in dataclasses.fields(loop.TrainState)}
+  state = loop.TrainState(**{**fields, "step": jnp.zeros((), jnp.int32), "params": trainable,
                               "opt_state": tx.init(trainable)})
-  step = jax.jit(functools.partial(train._train_step, exp=exp, config=config, tx=tx),  # pylint: disable=protected-access
+  step = jax.jit(functools.partial(loop.train_step, exp=exp, config=config, tx=tx),
                  donate_argnums=(0,))
   return step.lower(state, frozen, batch).compile(), state, frozen
 

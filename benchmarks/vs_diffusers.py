@@ -7,7 +7,7 @@ Both sides: full fine-tuning, the eps (MSE) denoising loss on the linear DDPM sc
 (lr 1e-4, weight decay 1e-2, eps 1e-8) with global-norm clipping at 1.0, fp32, the same diffusers
 config, the same weights (torch's initialisation converted with models/convert.py) and the same
 batch; timesteps and noise are drawn inside each step on both sides. Ours is
-`grasp_jax.train._train_step` compiled with donated state; theirs is the loop of diffusers'
+`grasp_jax.trainer.loop.train_step` compiled with donated state; theirs is the loop of diffusers'
 train_text_to_image.py (zero_grad, backward, clip_grad_norm_, step) with torch's default AdamW.
 CPU threads: torch.set_num_threads(N) and XLA_FLAGS intra_op_parallelism_threads=N with the Eigen
 pool on; N = nproc unless --threads. Times are medians of interleaved rounds (timing.interleaved).
@@ -69,12 +69,13 @@ import torch
 import torch.nn.functional as F
 
 from configs import common
-from grasp_jax import optim
-from grasp_jax import train
+from grasp_jax.trainer import optim
+from grasp_jax.trainer import loop
 from grasp_jax.diffusion import objectives
 from grasp_jax.diffusion import schedules
 from grasp_jax.models import convert
 from grasp_jax.models import unet
+from grasp_jax.models import trainable as trainable_lib
 
 TARGET = 0.8  # Our step <= 0.8x diffusers'.
 LR, WEIGHT_DECAY, CLIP = 1e-4, 1e-2, 1.0
@@ -112,7 +113,7 @@ class _Partition:
 
 
 class FullFinetune:
-  """What `train._train_step` needs: the eps loss of the whole UNet, no CFG dropout."""
+  """What `loop.train_step` needs: the eps loss of the whole UNet, no CFG dropout."""
   partition = _Partition()
 
   def __init__(self, module):
@@ -143,12 +144,12 @@ def jax_side(cfg, torch_model, batch, breakdown):
   config.optim.grad_clip = CLIP
   exp = FullFinetune(module)
   tx = optim.make_optimizer(config.optim, config.train.steps, config.method)
-  trainable, frozen = optim.split(params, (".*",))
-  fields = {f.name: {} for f in dataclasses.fields(train.TrainState)}
-  state = train.TrainState(**{**fields, "step": jnp.zeros((), jnp.int32), "params": trainable,
+  trainable, frozen = trainable_lib.split(params, (".*",))
+  fields = {f.name: {} for f in dataclasses.fields(loop.TrainState)}
+  state = loop.TrainState(**{**fields, "step": jnp.zeros((), jnp.int32), "params": trainable,
                               "opt_state": tx.init(trainable)})
   batch = jax.tree.map(jnp.asarray, batch)
-  step = jax.jit(functools.partial(train._train_step, exp=exp, config=config, tx=tx),  # pylint: disable=protected-access
+  step = jax.jit(functools.partial(loop.train_step, exp=exp, config=config, tx=tx),
                  donate_argnums=(0,)).lower(state, frozen, batch).compile()
   box = [state]
 

@@ -6,24 +6,32 @@ A config file's `get_config(arg)` calls `parse_arg(arg, key=default, ...)`, so
 """
 import ml_collections as mlc
 
-BACKBONES = ("unet", "dit")
-METHODS = ("grasp", "full", "lora", "selora", "moe")
+from grasp_jax.run.setup import METHODS
 
 
 def parse_arg(arg, **defaults):
-  """'a=1,b=x,smoke' -> ConfigDict with typed values; a bare word sets a bool default to True."""
+  """'a=1,b=x,smoke' -> ConfigDict with typed values; a bare word sets a bool default to True.
+
+  Booleans take true/false, 1/0 or yes/no (any case) and nothing else.
+  """
+  booleans = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
   out = mlc.ConfigDict(defaults)
   for item in filter(None, (arg or "").split(",")):
-    key, _, value = item.partition("=")
+    key, eq, value = item.partition("=")
     if key not in defaults:
       raise ValueError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
-    if not _:
-      value = True
-    elif isinstance(defaults[key], bool):
-      value = value.lower() in ("1", "true", "yes")
+    kind = type(defaults[key])
+    if kind is bool:
+      if (value.lower() if eq else "true") not in booleans:
+        raise ValueError(f"config argument {key}={value!r}: expected one of {sorted(booleans)}")
+      out[key] = booleans[value.lower() if eq else "true"]
+    elif not eq:
+      raise ValueError(f"config argument {key!r} needs a value: {key}=<{kind.__name__}>")
     else:
-      value = type(defaults[key])(value)
-    out[key] = value
+      try:
+        out[key] = kind(value)
+      except ValueError:
+        raise ValueError(f"config argument {key}={value!r}: expected {kind.__name__}") from None
   return out
 
 
@@ -70,6 +78,8 @@ def base_config():
   c.data.config = ""  # TFDS builder config name ('' = default).
   c.data.data_dir = ""  # '' -> $TFDS_DATA_DIR or ~/tensorflow_datasets.
   c.data.manual_dir = ""  # Where the user's raw copy lives (real datasets only).
+  # Builder config fields, e.g. 'skip_bad_images=true,drop_overlapping_images=true,resolution=512'.
+  c.data.builder_options = ""
   c.data.train_split = "train"
   c.data.eval_split = "test"
   c.data.image_size = 32
@@ -83,6 +93,7 @@ def base_config():
   c.partition.healthy = "No Finding"
   c.partition.thresholds = ""  # e.g. '100,20' (many > 100, few < 20); '' -> quantiles.
   c.partition.groups = ""  # JSON file with a label -> group mapping for strategy 'groups'.
+  c.partition.seed = 0  # The random strategies' permutation.
 
   c.model = mlc.ConfigDict()
   c.model.backbone = "unet"
@@ -95,6 +106,8 @@ def base_config():
   # Without `pretrained`, a small base is first trained from scratch with this architecture
   # (overrides of models/<backbone>.tiny_config) and cached in WORKDIR/base as a diffusers folder.
   c.model.base = mlc.ConfigDict()
+  # Data fields that differ for pretraining that base (e.g. the demo's source domain).
+  c.model.base_data = mlc.ConfigDict()
   c.model.base_steps = 0
   c.model.base_learning_rate = 3e-4
 
@@ -146,6 +159,8 @@ def base_config():
   c.train.diagnostics_every = 0  # Gradient-conflict diagnostics; 0 = off.
   c.train.diagnostics_batches = 4  # Held-out class-balanced eval-split batches they use.
   c.train.profile_steps = 0  # >0: a jax.profiler trace of that many steps (TensorBoard).
+  # Resume from this checkpoint step (0 = the newest); the later steps are set aside.
+  c.train.resume_from = 0
 
   c.mesh = mlc.ConfigDict()
   c.mesh.data = -1  # -1: all devices not used by the other axes.
@@ -159,19 +174,40 @@ def base_config():
   c.sample.sampler = "ddim"  # 'ddim', 'dpmpp2m' (UNet) or 'euler' (flow).
   c.sample.steps = 50
   c.sample.guidance_scale = 3.0
-  c.sample.per_class = 64
+  # Self-guided minority sampling (Um & Ye 2024) weight; 0 = off (diffusion/minority.py).
+  c.sample.minority_guidance = 0.0
+  c.sample.per_class = 200  # Final evaluation: >= 200 per class resolve group differences.
   c.sample.batch_size = 64
   c.sample.classes = ""  # Comma-separated class names; '' -> all.
 
   c.eval = mlc.ConfigDict()
   c.eval.every = 0  # 0 = only at the end.
-  c.eval.real_per_class = 64
-  c.eval.inception = True
-  c.eval.classifier_steps = 300
+  c.eval.every_per_class = 50  # In-training evaluations: samples per class.
+  c.eval.every_real_per_class = 50  # In-training evaluations: reference images per class.
+  c.eval.real_per_class = 200  # Reference (held-out real) images per class.
+  # Held-out pool per class of the eval split (reference + real twin); the rest trains the
+  # evaluator. Needs >= real_per_class + sample.per_class for floors at the samples' N.
+  c.eval.heldout_per_class = 400
+  c.eval.split_seed = 0  # Seeds the eval split's roles (a property of the dataset, not a run).
+  # Splits the generator never trains on whose every image also trains the evaluator.
+  c.eval.evaluator_extra_splits = ""
+  c.eval.evaluator_widths = (16, 32, 64)  # The frozen evaluator CNN's stage widths.
+  c.eval.evaluator_steps = 1000
+  c.eval.evaluator_batch_size = 128
+  c.eval.evaluator_learning_rate = 3e-3
+  c.eval.evaluator_floor = 0.90  # Results of an evaluator less accurate than this are flagged.
+  c.eval.n_boot = 200  # Bootstrap replicates of every interval.
+  c.eval.inception = True  # Also the FID-Inception space (slow on CPU).
+  c.eval.inception_n_boot = 50  # Fewer replicates in 2048-d.
+  c.eval.fid_mode = "ours"  # Inception preprocessing: 'ours' or clean-fid's 'clean'.
+  c.eval.classifier_steps = 300  # Downstream classifiers: at most this many steps.
   c.eval.classifier_batch_size = 64
-  c.eval.domain_per_class = 1000  # Domain classifier: train images per class (balanced).
+  c.eval.downstream_val_per_class = 50  # Early-stopping images per class (evaluator role).
+  c.eval.downstream_test_per_class = 0  # Test images per class (evaluator role); 0 = the rest.
+  c.eval.downstream_validate_every = 50  # Steps between validations.
+  c.eval.downstream_patience = 3  # Validations without improvement before stopping.
   c.eval.train_per_class = 0  # Real train images per class for the downstream classifier; 0 = all.
   c.eval.downstream = True
-  # Where the domain classifier and the real-only downstream baseline are cached ('' = WORKDIR).
+  # Where the evaluator and the generator-free downstream classifiers are cached ('' = WORKDIR).
   c.eval.cache_dir = ""
   return c

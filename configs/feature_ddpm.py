@@ -1,6 +1,6 @@
 """Feature-level tail hallucination on long-tailed Fashion-MNIST (NIH ChestX-ray14 profile), CPU.
 
-Pipeline (grasp_jax.features.run): a tiny DenseNet encoder trained with cross-entropy on the
+Pipeline (grasp_jax.feature_ddpm.run): a tiny DenseNet encoder trained with cross-entropy on the
 long-tailed train split -> per-class memory bank of its penultimate features (EMA prototypes,
 reservoir samples) -> class-conditional feature DDPM on the bank -> synthetic features for the
 tail classes, weighted by their confidence -> linear heads on real (+ synthetic) features with

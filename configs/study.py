@@ -1,44 +1,82 @@
-"""One run of the reproduction study: a method fine-tuned on the demo's shared base.
+"""The study: does GRASP adapt a pretrained base to a new long-tailed domain better than the
+alternatives? (GRASP's setting, in miniature; docs/RESULTS.md is its report.)
 
-Command (the whole study, every run below, then results/study.json and docs/RESULTS.md):
+Command (resumable: an interrupted study continues where it stopped; runs may span sessions):
   python -m grasp_jax.study --workdir=workdir/study
-One run by hand: --config=configs/study.py:backbone=unet,run=grasp,seed=0,base=DIR where DIR is
-the pretrained base (a diffusers folder; the study trains one per backbone from the demo config).
-Runs: RUNS below, equal steps and batch (the demo's), on `fashion_mnist_lt`. `cbdm` and `coral`
-are the regularisers on full fine-tuning, as in their papers; `grasp+cbdm` / `grasp+coral` put
-them on GRASP. Evaluation as the demo's, with the domain classifier and the real-only downstream
-classifier cached once in `cache` for every run.
+Setting: configs/demo.py's. One base per backbone is pretrained on the balanced source domain
+(`fashion_mnist_lt/source`, photos) and adapted to a long-tailed target in another domain
+(`fashion_mnist_lt/target_p0` / `target_p1`: radiograph-like images, 5-30 images in the tail
+classes, the class -> count assignment drawn by a seeded permutation) at natural frequency.
+Runs (RUNS): the zero-step base, full fine-tuning, GRASP, the shared adapter (K = 1) at GRASP's
+rank and at GRASP's total parameters, GRASP with K = C, a random partition, the gradient-
+alignment partition, LoRA, learned-gating MoE, CBDM, CORAL, self-guided minority sampling on
+GRASP and on full fine-tuning, and cluster-balanced sampling for full and GRASP. Equal steps and
+batch; the learning rate of every method family from a sweep (LR_GRID) on the target's validation
+split; `seeds` seeds for the headline runs (SEEDED), one for the rest.
 """
+import ml_collections as mlc
+
 from configs import common
 from configs import demo
 
-# name -> (method, moe_mode, cbdm, coral)
+K = 4  # GRASP's clusters (healthy + frequency), as in the demo.
+RANK = 8
+NUM_CLASSES = 10
+# name -> (method, field overrides on the demo config). `family` of a run: its method, which
+# shares one swept learning rate.
 RUNS = {
-    "grasp": ("grasp", "soft", False, False),
-    "full": ("full", "soft", False, False),
-    "lora": ("lora", "soft", False, False),
-    "selora": ("selora", "soft", False, False),
-    "moe_soft": ("moe", "soft", False, False),
-    "moe_top1": ("moe", "top1", False, False),
-    "cbdm": ("full", "soft", True, False),
-    "coral": ("full", "soft", False, True),
-    "grasp+cbdm": ("grasp", "soft", True, False),
-    "grasp+coral": ("grasp", "soft", False, True),
+    "base": ("grasp", {"train.steps": 0}),
+    "full": ("full", {}),
+    "grasp": ("grasp", {}),
+    "shared": ("grasp", {"partition.strategy": "single", "partition.k": 1}),
+    "shared_matched": ("grasp", {"partition.strategy": "single", "partition.k": 1,
+                                 "method.rank": RANK * K}),
+    "grasp_kc": ("grasp", {"partition.strategy": "class", "partition.k": NUM_CLASSES}),
+    "grasp_random": ("grasp", {"partition.strategy": "healthy+random"}),
+    "grasp_gradient": ("grasp", {"partition.strategy": "healthy+gradient"}),
+    "lora": ("lora", {"method.rank": RANK * K}),
+    "moe": ("moe", {}),
+    "cbdm": ("full", {"diffusion.cbdm_weight": 1.0}),
+    "coral": ("full", {"diffusion.coral_weight": 0.5}),
+    "grasp_minority": ("grasp", {"sample.minority_guidance": 0.5}),
+    "full_minority": ("full", {"sample.minority_guidance": 0.5}),
+    "full_balanced": ("full", {"data.balance": "cluster"}),
+    "grasp_balanced": ("grasp", {"data.balance": "cluster"}),
 }
+SEEDED = ("grasp", "full", "shared")  # The headline runs: every seed.
+LR_GRID = {"full": (1e-4, 3e-4, 1e-3), "grasp": (3e-4, 1e-3, 3e-3),
+           "lora": (3e-4, 1e-3, 3e-3), "moe": (3e-4, 1e-3, 3e-3)}
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, backbone="unet", run="grasp", seed=0, base="", cache="",
-                         smoke=False)
-  if arg.run not in RUNS:
-    raise ValueError(f"unknown study run {arg.run!r}; known: {sorted(RUNS)}")
-  method, moe_mode, cbdm, coral = RUNS[arg.run]
-  c = demo.get_config(f"backbone={arg.backbone},method={method},seed={arg.seed},"
-                      f"cbdm={cbdm},coral={coral},smoke={arg.smoke}")
-  c.model.pretrained = arg.base
-  if not arg.smoke:  # A stronger base and classifiers than the 10-minute demo's.
-    c.model.base_steps = 1500
-    c.eval.classifier_steps = 200
-  c.method.moe_mode = moe_mode
-  c.eval.cache_dir = arg.cache
+  """The study handed to the driver: `runs[backbone][run]` is each run's full config (the
+  driver sets its seed, target, learning rate and base); `smoke` is the tests' tiny study."""
+  arg = common.parse_arg(arg, smoke=False, seeds=3, backbones="dit")
+  study = mlc.ConfigDict()
+  study.backbones = tuple(arg.backbones.split("+"))
+  study.targets = ("target_p0",) if arg.smoke else ("target_p0", "target_p1")
+  study.seeds = tuple(range(arg.seeds))
+  study.seeded = SEEDED
+  study.lr_grid = {k: (v[1],) if arg.smoke else tuple(v) for k, v in LR_GRID.items()}
+  study.sweep_steps = 4 if arg.smoke else 150  # Steps of each sweep run (the first half).
+  study.compare_to = "grasp"  # Paired verdicts: this run against every other run.
+  study.verdict_metrics = ("coverage", "kid", "fd", "conditional_accuracy", "memorization")
+  study.runs = {b: {r: run_config(b, r, smoke=arg.smoke) for r in RUNS}
+                for b in ("dit", "unet")}
+  return study
+
+
+def run_config(backbone, run, smoke=False):
+  """One run's config: the demo's, with the run's method and overrides."""
+  if run not in RUNS:
+    raise ValueError(f"unknown study run {run!r}; known: {sorted(RUNS)}")
+  method, overrides = RUNS[run]
+  c = demo.get_config(f"backbone={backbone},method={method},smoke={smoke}")
+  c.method = common.method_config(method, num_clusters=overrides.get("partition.k", K),
+                                  rank=overrides.get("method.rank", RANK))
+  common.with_regularisers(c, coral="diffusion.coral_weight" in overrides)
+  for field, value in overrides.items():
+    section, name = field.split(".")
+    c[section][name] = value
+  c.eval.every = 0 if smoke else c.train.steps // 2  # Early and final: tail overfitting shows.
   return c

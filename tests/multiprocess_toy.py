@@ -43,13 +43,13 @@ def config():
 
 
 def main(process_id, num_processes, port, workdir, out):
-  from grasp_jax import distributed
-  from grasp_jax import train
+  from grasp_jax.parallel import distributed
+  from grasp_jax.trainer import loop
   from jax.experimental import multihost_utils
   jax.config.update("jax_platforms", "cpu")
   jax.config.update("jax_num_cpu_devices", 2)
   distributed.initialize(f"127.0.0.1:{port}", num_processes, process_id)
-  trainer = train.fit(ShardedToy(config(), (0, 1, 2, 3)), config(), workdir)
+  trainer = loop.fit(ShardedToy(config(), (0, 1, 2, 3)), config(), workdir)
   params = multihost_utils.process_allgather(trainer.state.params, tiled=True)
   flat = {jax.tree_util.keystr(k): np.asarray(v)
           for k, v in jax.tree_util.tree_leaves_with_path(params)}

@@ -6,7 +6,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from grasp_jax import accounting
+from grasp_jax.trainer import accounting
 
 M, N, K = 256, 128, 64
 

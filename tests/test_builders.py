@@ -4,17 +4,21 @@ import dataclasses
 import os
 import shutil
 
+import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
 import fixtures_data as fx
 import grasp_jax.data.builders  # pylint: disable=unused-import  (registers the builders)
+from grasp_jax.data import pipeline
+from grasp_jax.data.builders import base
 from grasp_jax.data.builders import fashion_mnist_lt
-from grasp_jax.data.builders import features
+from grasp_jax.data.builders import specs
 from grasp_jax.data.builders import imagenet_lt
 from grasp_jax.data.builders import mimic_cxr_lt
 from grasp_jax.data.builders import nih_cxr_lt
+from grasp_jax.data import prompts
 
 # NIH ChestX-ray14 single-label counts of the ten most frequent labels, most frequent first.
 NIH_COUNTS = [60361, 9547, 4215, 3955, 2705, 2194, 2139, 1310, 1126, 1093]
@@ -228,13 +232,13 @@ def test_impression_parser():
 
 
 def test_prompt_templates():
-  assert features.findings_prompt(["No Finding"]) == "normal chest x-ray"
-  assert features.findings_prompt(["No Finding", "Support Devices"]) == (
+  assert prompts.findings_prompt(["No Finding"]) == "normal chest x-ray"
+  assert prompts.findings_prompt(["No Finding", "Support Devices"]) == (
       "chest x-ray showing support devices")
-  assert features.findings_prompt(["Cardiomegaly", "Pleural Effusion", "Pleural_Thickening"]) == (
+  assert prompts.findings_prompt(["Cardiomegaly", "Pleural Effusion", "Pleural_Thickening"]) == (
       "chest x-ray showing cardiomegaly, pleural effusion and pleural thickening")
-  assert features.photo_prompt("Trouser") == "a photo of a trouser"
-  assert features.photo_prompt("Ankle boot") == "a photo of an ankle boot"
+  assert prompts.photo_prompt("Trouser") == "a photo of a trouser"
+  assert prompts.photo_prompt("Ankle boot") == "a photo of an ankle boot"
 
 
 def _mimic_copy(mimic, tmp_path):
@@ -274,9 +278,9 @@ def test_mimic_missing_image_folder(mimic, tmp_path):
 @pytest.mark.parametrize("edit,message", [
     (lambda rows: rows[3].pop(), r"balanced-val\.csv:4: expected 23 fields"),
     (lambda rows: rows[0].__setitem__(5, "Cardiomegaly2"),
-     r"classes \['Cardiomegaly'\] are not columns"),
+     r"class 'Cardiomegaly' \(did you mean 'Cardiomegaly2'\?\) is not a column"),
     (lambda rows: [r.append("0") for r in rows[1:]] and rows[0].append("Kyphosis"),
-     r"unknown columns \['Kyphosis'\]"),
+     r"unknown columns 'Kyphosis': not one of the 19 classes"),
     (lambda rows: rows[2].__setitem__(5, "1"), r"balanced-val\.csv:3: row has 2 positive"),
     (lambda rows: rows[2].__setitem__(6, "maybe"), r"balanced-val\.csv:3: column 'Consolidation'"),
     (lambda rows: rows[1].__setitem__(3, "files/p99/x.jpg"), r"balanced-val\.csv:2: path"),
@@ -294,7 +298,7 @@ def test_mimic_bad_image_error_or_skip(mimic, tmp_path):
   key = rows["cxr_lt_2022"]["test"][1].key
   (bad,) = list(manual.glob(f"files/*/*/*/{key}.jpg"))
   bad.write_bytes(b"not a jpeg")
-  with pytest.raises(features.BadImageError, match=f"{key}.jpg"):
+  with pytest.raises(specs.BadImageError, match=f"{key}.jpg"):
     _build_2022(manual, tmp_path)
   builder = _build_2022(manual, tmp_path / "skip", name="skip", skip_bad_images=True)
   assert builder.info.splits["test"].num_examples == 2
@@ -329,9 +333,60 @@ def test_nih_missing_image(tmp_path):
   name = rows["test"][0].key
   (path,) = list((tmp_path / "manual").glob(f"images_*/images/{name}"))
   os.remove(path)
-  with pytest.raises(features.BadImageError, match=f"image {name} not found"):
+  with pytest.raises(specs.BadImageError, match=f"image {name} not found"):
     build("nih_cxr_lt", tmp_path / "data", tmp_path / "manual",
           config=nih_cxr_lt.NihCxrLtConfig(name="r16", resolution=16))
+
+
+def test_builder_options_name_type_and_errors():
+  nih, mimic = nih_cxr_lt.NihCxrLt, mimic_cxr_lt.MimicCxrLt
+  assert base.with_options(nih, None, {}) is nih.builder_configs["default"]
+  assert base.with_options(mimic, "cxr_lt_2022", {"resolution": 256}) is (
+      mimic.builder_configs["cxr_lt_2022"])
+  config = base.with_options(mimic, "cxr_lt_2023", {"resolution": "16", "skip_bad_images": "yes"})
+  assert (config.name, config.resolution, config.skip_bad_images) == (
+      "cxr_lt_2023_r16_skip_bad_images", 16, True)
+  assert config.classes == mimic.builder_configs["cxr_lt_2023"].classes
+  assert base.with_options(nih, None, {"drop_overlapping_images": True}).name == (
+      "drop_overlapping_images")
+  for options, message in [
+      ({"multi_label": True}, r"has no builder options \['multi_label'\]; options are "
+                              r"\['resolution', 'skip_bad_images', 'drop_overlapping_images'\]"),
+      ({"skip_bad_images": "maybe"}, "skip_bad_images takes true/false, 1/0 or yes/no"),
+      ({"resolution": "0"}, "resolution must be a positive integer, got 0"),
+      ({"resolution": True}, "resolution must be a positive integer, got True"),
+      ({"skip_bad_images": 1}, "skip_bad_images must be True or False, got 1")]:
+    with pytest.raises(ValueError, match=message):
+      base.with_options(mimic, "cxr_lt_2022", options)
+  with pytest.raises(ValueError, match=r"no config 'cxr_lt_2024'"):
+    base.with_options(mimic, "cxr_lt_2024", {"resolution": 16})
+  assert pipeline.parse_options("skip_bad_images=true,resolution=16") == {
+      "skip_bad_images": "true", "resolution": "16"}
+  assert pipeline.parse_options("") == {}
+  for text in ("skip_bad_images", "a=1,a=2", "=1", "a=1, b=2", "a=1,", "a=1=2"):
+    with pytest.raises(ValueError, match="expected distinct key=value items"):
+      pipeline.parse_options(text)
+
+
+def test_skip_bad_images_from_load_builder_and_config(tmp_path):
+  from grasp_jax.task import experiment  # pylint: disable=g-import-not-at-top  (imports jax)
+  rows = fx.make_nih_dir(tmp_path / "manual")
+  name = rows["test"][0].key
+  os.remove(next((tmp_path / "manual").glob(f"images_*/images/{name}")))
+  data, manual = os.fspath(tmp_path / "data"), os.fspath(tmp_path / "manual")
+  with pytest.raises(specs.BadImageError, match="builder_options=skip_bad_images=true"):
+    pipeline.load_builder("nih_cxr_lt", data, build=True, manual_dir=manual,
+                          options={"resolution": 16})
+  config = ml_collections.ConfigDict({"data": {
+      "name": "nih_cxr_lt", "config": "", "data_dir": data, "manual_dir": manual,
+      "builder_options": "resolution=16,skip_bad_images=true"}})
+  builder = experiment.prepare_data(config)
+  assert builder.builder_config.name == "r16_skip_bad_images"
+  assert builder.info.splits["test"].num_examples == len(rows["test"]) - 1
+  assert builder.info.metadata["splits"]["test"]["skipped_ids"] == [name]
+  # The strict dataset is another one: not built, and not mixed up with this one.
+  with pytest.raises(FileNotFoundError, match="nih_cxr_lt/r16 is not built"):
+    pipeline.load_builder("nih_cxr_lt", data, options={"resolution": 16})
 
 
 # ---------------------------------------------------------------------------- imagenet_lt_t2i.
@@ -355,10 +410,10 @@ def test_imagenet_lt(tmp_path, with_names):
       e = got[r.key]
       k = r.classes[0]
       assert e["label"] == k and e["image"].shape == (16, 16, 3)
-      assert e["prompt"].decode() == features.photo_prompt(names[k])
+      assert e["prompt"].decode() == prompts.photo_prompt(names[k])
       assert abs(float(e["image"][..., 0].mean()) - fx.class_intensity(k)) < 4
   if with_names:
-    assert features.photo_prompt(names[0]) == "a photo of a tench"
+    assert prompts.photo_prompt(names[0]) == "a photo of a tench"
 
 
 @pytest.mark.parametrize("line,message", [

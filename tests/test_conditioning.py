@@ -11,9 +11,9 @@ import ml_collections as mlc
 import numpy as np
 import pytest
 
-from grasp_jax import conditioning
-from grasp_jax import latents
-from grasp_jax import sharding
+from grasp_jax.inference import conditioning
+from grasp_jax.inference import latents
+from grasp_jax.parallel import sharding
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 import multiprocess_toy
-from grasp_jax import distributed
-from grasp_jax import train
+from grasp_jax.parallel import distributed
+from grasp_jax.trainer import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tests", "multiprocess_toy.py")
@@ -73,7 +73,7 @@ def test_two_processes_agree_and_match_one_device(two_process_run, tmp_path):
   for k in out0:
     np.testing.assert_array_equal(out0[k], out1[k], err_msg=k)
   config = _reference_config()
-  single = train.fit(multiprocess_toy.ShardedToy(config, (0, 1, 2, 3)), config,
+  single = loop.fit(multiprocess_toy.ShardedToy(config, (0, 1, 2, 3)), config,
                      str(tmp_path / "one"), devices=jax.devices()[:1])
   ref = _flat(single.state.params)
   assert ref.keys() == {k for k in out0 if k.startswith("[")}
@@ -101,7 +101,7 @@ def test_restores_in_one_process_on_one_device_and_continues(two_process_run, tm
   workdir, (out0, _) = two_process_run
   shutil.copytree(workdir, tmp_path / "copy")
   config = _reference_config()
-  restored = train.fit(multiprocess_toy.ShardedToy(config, (0, 1, 2, 3)), config,
+  restored = loop.fit(multiprocess_toy.ShardedToy(config, (0, 1, 2, 3)), config,
                        str(tmp_path / "copy"), devices=jax.devices()[:1])
   assert int(restored.state.step) == multiprocess_toy.STEPS
   for k, v in _flat(restored.state.params).items():
@@ -109,9 +109,9 @@ def test_restores_in_one_process_on_one_device_and_continues(two_process_run, tm
   # Two more steps here continue the same data stream: equal to 6 steps in one process.
   steps = multiprocess_toy.STEPS + 2
   config.train.steps = steps
-  continued = train.fit(multiprocess_toy.ShardedToy(config, (0, 1, 2, 3)), config,
+  continued = loop.fit(multiprocess_toy.ShardedToy(config, (0, 1, 2, 3)), config,
                         str(tmp_path / "copy"), devices=jax.devices()[:1])
-  reference = train.fit(multiprocess_toy.ShardedToy(config, (0, 1, 2, 3)), config,
+  reference = loop.fit(multiprocess_toy.ShardedToy(config, (0, 1, 2, 3)), config,
                         str(tmp_path / "reference"), devices=jax.devices()[:1])
   assert int(continued.state.step) == steps
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),

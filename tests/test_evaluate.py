@@ -1,9 +1,10 @@
-"""The evaluation loop on a tiny experiment: results.json per class and per group equals direct
-metric computations on independently decoded real images, earlier results are kept, and the
-domain classifier is cached.
+"""The evaluation stage on a tiny experiment: results.json per class and per group equals direct
+metric computations on independently decoded real images in the recorded roles; the roles are
+disjoint; the evaluator is cached by content, not by the run's seed; the downstream classifiers
+use the stated data; earlier results are kept.
 
-Data: fashion_mnist_lt/small built from fabricated IDX files, images at 16 px. The generator is
-a stand-in epsilon model (cheap to compile); Inception runs in one call on 4 images.
+Data: fashion_mnist_lt/small built from fabricated IDX files (50 test images per class), images
+at 16 px. The generator is a stand-in epsilon model (cheap to compile).
 """
 import dataclasses
 import json
@@ -19,14 +20,16 @@ import pytest
 
 import fixtures_data as fx
 from configs import common
-from grasp_jax import generate
+from grasp_jax.inference import generate
 from grasp_jax import partition as partition_lib
 from grasp_jax.data import pipeline
 from grasp_jax.diffusion import schedules
 from grasp_jax.evaluation import classifier
-from grasp_jax.evaluation import evaluate
-from grasp_jax.evaluation import features
+from grasp_jax.evaluation import compare
+from grasp_jax.evaluation import evaluator
+from grasp_jax.evaluation import inception
 from grasp_jax.evaluation import metrics
+from grasp_jax.run import evaluate
 
 SIZE, PER_CLASS = 16, 6
 NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
@@ -81,7 +84,12 @@ def make_config():
   c.data.image_size, c.data.channels = SIZE, 1
   c.sample.sampler, c.sample.steps, c.sample.guidance_scale = "ddim", 3, 2.0
   c.sample.per_class, c.sample.batch_size = PER_CLASS, 32
-  c.eval.real_per_class, c.eval.inception, c.eval.classifier_steps = PER_CLASS, False, 2
+  c.eval.real_per_class, c.eval.inception = PER_CLASS, False
+  c.eval.heldout_per_class = 20  # Of 50 test images per class: 30 train the evaluator.
+  c.eval.evaluator_widths, c.eval.evaluator_steps, c.eval.evaluator_batch_size = (4, 8), 2, 16
+  c.eval.n_boot = 20
+  c.eval.classifier_steps, c.eval.downstream_validate_every = 2, 1
+  c.eval.downstream_val_per_class, c.eval.downstream_test_per_class = 5, 10
   return c
 
 
@@ -107,32 +115,43 @@ def run(tmp_path_factory):
   results = evaluate.evaluate(exp, {}, {}, workdir, writer, 1, rng=rng)
   fake, fake_y = generate.sample_classes(exp, {}, {}, None, PER_CLASS, rng)
   return dict(exp=exp, workdir=workdir, writer=writer, results=results, fake=fake,
-              fake_y=fake_y, builder=builder, counts=counts)
+              fake_y=fake_y, builder=builder, counts=counts, root=root)
 
 
-def real_images(builder, per_class, classes=range(10)):
-  """First `per_class` test images of each class, via TFDS' own decoder and PIL."""
-  source = builder.as_data_source(split="test")
+def decode(builder, split, records):
+  """Records of a split via TFDS' own decoder and PIL (not the pipeline's loader)."""
+  source = builder.as_data_source(split=split)
   images, labels = [], []
-  for c in classes:
-    taken = 0
-    for i in range(len(source)):
-      record = source[i]
-      if record["label"] == c and taken < per_class:
-        image = PIL.Image.fromarray(record["image"][..., 0]).resize(
-            (SIZE, SIZE), PIL.Image.Resampling.BICUBIC)
-        images.append(np.asarray(image)[..., None])
-        labels.append(c)
-        taken += 1
+  for i in records:
+    record = source[int(i)]
+    image = PIL.Image.fromarray(record["image"][..., 0]).resize((SIZE, SIZE),
+                                                                PIL.Image.Resampling.BICUBIC)
+    images.append(np.asarray(image)[..., None])
+    labels.append(record["label"])
   return np.stack(images), np.asarray(labels)
 
 
-def domain_classifier(results):
-  path = results["domain"]["features"]["file"]
-  with open(path, "rb") as f:
-    data = f.read()
-  model = classifier.densenet(10, **classifier.TINY)
-  return classifier.Classifier(model, flax.serialization.msgpack_restore(data))
+def roles(builder):
+  """reference, twin, evaluator-train, downstream val and test records, per the docstring of
+  run/evaluate.py, rebuilt from the labels and the split seed (permutation per class)."""
+  labels = np.asarray([r["label"] for r in builder.as_data_source(split="test")])
+  rng = np.random.default_rng(0)
+  out = {k: [] for k in ("reference", "twin", "evaluator", "val", "test", "perm")}
+  for c in range(10):
+    perm = rng.permutation(np.flatnonzero(labels == c))
+    out["perm"].append(perm)
+    out["reference"] += list(perm[:PER_CLASS])
+    out["twin"] += list(perm[PER_CLASS:2 * PER_CLASS])
+    out["evaluator"] += list(perm[20:])
+    out["val"] += list(perm[20:25])
+    out["test"] += list(perm[25:35])
+  return out
+
+
+def load_evaluator(results):
+  with open(results["evaluator"]["file"], "rb") as f:
+    variables = flax.serialization.msgpack_restore(f.read())
+  return classifier.Classifier(classifier.CNN(10, widths=(4, 8)), variables)
 
 
 def assert_close(got, expected):
@@ -142,100 +161,171 @@ def assert_close(got, expected):
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-9)
 
 
-def test_feature_metrics_per_class_and_group(run):
-  results = run["results"]
-  real, real_y = real_images(run["builder"], PER_CLASS)
+def test_roles_are_disjoint_and_sized():
+  labels = np.repeat(np.arange(3), [50, 30, 7])
+  r = evaluator.roles(labels, 20, seed=0)
+  for c, n in ((0, 20), (1, 15), (2, 3)):  # min(heldout_per_class, n_c // 2)
+    held, train = r["heldout"][c], r["evaluator"][c]
+    assert len(held) == n and len(held) + len(train) == np.sum(labels == c)
+    assert not set(held) & set(train) and (labels[np.concatenate([held, train])] == c).all()
+  again = evaluator.roles(labels, 20, seed=0)
+  assert all(np.array_equal(r["heldout"][c], again["heldout"][c]) for c in range(3))
+  other = evaluator.roles(labels, 20, seed=1)
+  assert not np.array_equal(r["heldout"][0], other["heldout"][0])
+
+
+def test_feature_metrics_and_floors_per_class_and_group(run):
+  results, builder = run["results"], run["builder"]
+  rec = roles(builder)
+  real, real_y = decode(builder, "test", rec["reference"])
+  twin, twin_y = decode(builder, "test", rec["twin"])
   fake, fake_y = run["fake"], run["fake_y"]
-  clf = domain_classifier(results)
-  rf, ff = clf.features(real), clf.features(fake)
+  clf = load_evaluator(results)
+  rf, tf, ff = clf.features(real), clf.features(twin), clf.features(fake)
   block = results["domain"]
   # Classes ordered head to tail by training count.
   assert list(block["classes"]) == [NAMES[i] for i in np.argsort(-run["counts"], kind="stable")]
   tail = list(np.argsort(run["counts"], kind="stable")[:3])  # 3 rarest of 10 (terciles)
-  cases = {f"class {NAMES[c]}": (block["classes"][NAMES[c]], [c]) for c in range(10)}
+  cases = {f"class {NAMES[c]}": (block["classes"][NAMES[c]], [c]) for c in (0, 4, 9)}
   cases["frequency/tail"] = (block["groups"]["frequency/tail"], tail)
-  cases["cluster/findings"] = (block["groups"]["cluster/findings"], list(range(1, 10)))
   cases["all"] = (block["all"], list(range(10)))
   for name, (entry, members) in cases.items():
-    r, f = rf[np.isin(real_y, members)], ff[np.isin(fake_y, members)]
-    assert (entry["n_real"], entry["n_fake"]) == (len(r), len(f)), name
-    assert_close(entry["fid"], metrics.fid(r, f))
-    assert_close(entry["kid"], metrics.kid(r, f)[0])
-    for key, value in metrics.prdc(r, f).items():
-      assert_close(entry[key], value)
-    assert_close(entry["vendi"], metrics.vendi_score(f))
-  assert sorted(block["groups"]["frequency/tail"]["classes"]) == sorted(NAMES[c] for c in tail)
+    r, t, f = rf[np.isin(real_y, members)], tf[np.isin(twin_y, members)], ff[np.isin(fake_y,
+                                                                                        members)]
+    assert (entry["n_real"], entry["n_fake"], entry["n_twin"]) == (len(r), len(f), len(t)), name
+    for e, x in ((entry, f), (entry["floor"], t)):
+      assert_close(e["fd"]["value"], metrics.fid(r, x))
+      assert_close(e["kid"]["value"], metrics.mmd2_unbiased(r, x))
+      for key, value in metrics.prdc(r, x).items():
+        assert_close(e[key]["value"], value)
+      assert e["fd"]["lo"] <= e["fd"]["hi"]
   assert block["groups"]["cluster/healthy"]["classes"] == ["T-shirt/top"]
-  assert block["features"]["resolution"] == SIZE and len(block["features"]["weights_sha1"]) == 40
+  assert block["features"]["weights_sha1"] == results["evaluator"]["weights_sha1"]
 
-  preds = clf.predict(fake)
+  preds, twin_preds = clf.predict(fake), clf.predict(twin)
+  acc = results["accuracy"]
   for c in (0, 9):
-    entry = results["ms_ssim"]["classes"][NAMES[c]]
-    assert_close(entry["ms_ssim"], metrics.mean_pairwise_ms_ssim(fake[fake_y == c]))
-    assert_close(entry["ms_ssim_real"], metrics.mean_pairwise_ms_ssim(real[real_y == c]))
-    acc = results["domain_accuracy"]["classes"][NAMES[c]]
-    assert_close(acc["accuracy"], np.mean(preds[fake_y == c] == c))
-  tail_ms = [metrics.mean_pairwise_ms_ssim(fake[fake_y == c]) for c in tail]
-  assert_close(results["ms_ssim"]["groups"]["frequency/tail"]["ms_ssim"], np.mean(tail_ms))
+    entry = acc["classes"][NAMES[c]]
+    assert_close(entry["conditional_accuracy"]["value"], np.mean(preds[fake_y == c] == c))
+    assert_close(entry["floor"]["conditional_accuracy"]["value"],
+                 np.mean(twin_preds[twin_y == c] == c))
+  both = np.concatenate([clf.predict(real), twin_preds]), np.concatenate([real_y, twin_y])
+  assert_close(acc["all"]["accuracy_real"]["value"], np.mean(both[0] == both[1]))
+  assert acc["all"]["accuracy_real"]["n"] == 2 * 10 * PER_CLASS
 
 
-def test_downstream_synthetic_only_matches_direct_training(run):
+def test_retrieval_irs_and_memorization(run):
+  results, builder = run["results"], run["builder"]
+  train, train_y = decode(builder, "train", range(sum(run["counts"])))
+  real, real_y = decode(builder, "test", roles(builder)["reference"])
+  clf = load_evaluator(results)
+  trf, rf, ff = clf.features(train), clf.features(real), clf.features(run["fake"])
+  fake_y = run["fake_y"]
+  tail = list(np.argsort(run["counts"], kind="stable")[:3])
+  for entry, members in ((results["retrieval"]["classes"]["Bag"], [8]),
+                         (results["retrieval"]["groups"]["frequency/tail"], tail)):
+    f = ff[np.isin(fake_y, members)]
+    expected = metrics.irs(trf[np.isin(train_y, members)], f)
+    assert entry["irs"]["value"] == expected["irs"] and entry["irs"]["k"] == expected["k"]
+    assert entry["irs"]["n_train"] == np.isin(train_y, members).sum()
+    mem = metrics.memorization_rate(trf, rf[np.isin(real_y, members)], f)
+    assert_close(entry["memorization"]["value"], mem["rate"])
+    assert_close(entry["memorization"]["threshold"], mem["threshold"])
+
+
+def test_evaluator_cached_by_content_not_seed(run):
+  exp, results = run["exp"], run["results"]
+  record = results["evaluator"]
+  assert record["spec"]["roles"]["heldout_per_class"] == 20
+  assert record["n_train"] == 10 * 30 and record["n_heldout"] == 10 * 20
+  assert record["ok"] is False and record["floor"] == 0.9  # Random images: chance accuracy.
+  role = evaluator.roles(pipeline.dataset_labels(run["builder"], "test")[0], 20, 0)
+  reseeded = make_config()
+  reseeded.seed = 5
+  spec = evaluate.evaluator_spec(reseeded, 10, role)
+  assert evaluator.cache_path(run["workdir"], spec) == record["file"]
+  longer = make_config()
+  longer.eval.evaluator_steps = 3
+  assert evaluator.cache_path(run["workdir"], evaluate.evaluator_spec(longer, 10, role)) != \
+      record["file"]
+  assert set(rec_ for rec_ in roles(run["builder"])["evaluator"]) == set(
+      np.concatenate(list(role["evaluator"].values())).tolist())
+
+
+def test_downstream_uses_the_stated_data(run):
   down = run["results"]["downstream"]
-  real, real_y = real_images(run["builder"], PER_CLASS)
+  v = down["variants"]
+  n_train = int(sum(run["counts"]))
+  assert v["real"]["n_train"] == v["real_balanced"]["n_train"] == n_train
+  assert v["real_balanced"]["balanced"] and not v["real"]["balanced"]
+  assert v["real+heldout"]["n_train"] == v["real+synthetic"]["n_train"] == n_train + 10 * PER_CLASS
+  assert v["real+heldout"]["n_train_per_class"] == v["real+synthetic"]["n_train_per_class"]
+  assert v["synthetic"]["n_train_per_class"] == [PER_CLASS] * 10
+  assert (down["n_val"], down["n_test"]) == (50, 100)
+  rec = roles(run["builder"])
+  assert not set(rec["test"]) & set(rec["reference"]) and not set(rec["test"]) & set(rec["val"])
+  # The synthetic-only classifier, retrained here on the same data, scores the same.
+  test, test_y = decode(run["builder"], "test", rec["test"])
+  val = decode(run["builder"], "test", rec["val"])
   clf = classifier.train(classifier.densenet(10, **classifier.TINY), run["fake"], run["fake_y"],
-                         steps=2, batch_size=64, seed=0)
-  expected = classifier.classification_metrics(real_y, clf.predict(real), 10, class_names=NAMES)
+                         steps=2, batch_size=64, seed=0, validation=val, validate_every=1)
+  expected = classifier.classification_metrics(test_y, clf.predict(test), 10, class_names=NAMES)
   for key in ("macro_f1", "balanced_accuracy", "nonzero_f1_classes"):
-    assert_close(down["synthetic"][key], expected[key])
-  assert down["synthetic"]["per_class_f1"] == pytest.approx(expected["per_class_f1"])
-  assert down["real"]["n_train_real"] == sum(run["counts"])  # The whole train split.
-  assert down["real+synthetic"]["n_train_synthetic"] == 10 * PER_CLASS
-  assert set(down["real"]["groups"]) == set(run["results"]["meta"]["groups"])
-  # The real-only baseline does not depend on the generator: cached for later evaluations.
+    assert_close(v["synthetic"][key]["value"], expected[key])
+  assert v["synthetic"]["per_class_f1"] == pytest.approx(expected["per_class_f1"])
+  # The generator-free classifiers are cached for later evaluations.
   [cached] = os.listdir(os.path.join(run["workdir"], "downstream_real"))
   with open(os.path.join(run["workdir"], "downstream_real", cached)) as f:
-    assert json.load(f) == json.loads(json.dumps(down["real"]))
+    assert set(json.load(f)) == {"real", "real_balanced", "real+heldout"}
 
 
 def test_outputs_written(run):
-  workdir = run["workdir"]
+  workdir, results = run["workdir"], run["results"]
   with open(os.path.join(workdir, "results.json")) as f:
     saved = json.load(f)
   assert saved["1"]["meta"]["n_fake"] == 10 * PER_CLASS
-  assert saved["1"]["meta"]["resolution"] == SIZE
+  assert saved["1"]["meta"]["n_twin"] == 10 * PER_CLASS
   scalars = run["writer"].scalars[1]
-  assert scalars["eval/domain/frequency/tail/fid"] == pytest.approx(
-      run["results"]["domain"]["groups"]["frequency/tail"]["fid"])
+  entry = results["domain"]["groups"]["frequency/tail"]
+  assert scalars["eval/domain/frequency/tail/fd"] == pytest.approx(entry["fd"]["value"])
+  assert scalars["eval/domain/frequency/tail/fd_floor"] == pytest.approx(
+      entry["floor"]["fd"]["value"])
   assert "eval/downstream/real+synthetic/macro_f1" in scalars
   plots = os.listdir(os.path.join(workdir, "plots", "step_000001"))
-  assert {"fid_domain.png", "coverage.png", "samples.png", "downstream_f1.png"} <= set(plots)
-  assert run["writer"].images[1]["eval_plots/samples"].ndim == 4
+  assert {"fd_domain.png", "conditional_accuracy.png", "samples.png",
+          "downstream_f1.png"} <= set(plots)
+  samples, reference = compare.load_run(workdir)
+  clf = load_evaluator(results)
+  np.testing.assert_allclose(samples["features"], clf.features(run["fake"]), rtol=1e-2, atol=1e-2)
+  assert samples["features"].dtype == np.float16
+  assert np.array_equal(samples["labels"], run["fake_y"])
+  assert np.array_equal(reference["records"], roles(run["builder"])["reference"])
+  # The same samples paired with themselves: no difference.
+  same = compare.paired(workdir, workdir, "fd", "frequency/tail", n_boot=20)
+  assert same["diff"] == 0.0 and same["verdict"] == "inconclusive"
 
 
-def test_second_evaluation_keeps_earlier_results_and_cached_classifier(run):
+def test_second_evaluation_keeps_earlier_results_and_cached_evaluator(run):
   exp = run["exp"]
   config = make_config()
-  config.eval.inception, config.eval.real_per_class = True, 2
-  with config.unlocked():
-    config.eval.downstream = False
+  config.eval.inception, config.eval.downstream = True, False
   exp2 = dataclasses.replace(exp, config=config)
   keep = np.flatnonzero(run["fake_y"] == 1)[:2]
   fake, fake_y = run["fake"][keep], run["fake_y"][keep]
-  file = run["results"]["domain"]["features"]["file"]
+  file = run["results"]["evaluator"]["file"]
   mtime = os.stat(file).st_mtime_ns
   results = evaluate.evaluate(exp2, {}, {}, run["workdir"], Writer(), 2, rng=jax.random.key(0),
-                              samples=(fake, fake_y))
+                              samples=(fake, fake_y), real_per_class=2)
   assert os.stat(file).st_mtime_ns == mtime  # Restored, not retrained.
-  assert results["domain"]["features"]["weights_sha1"] == \
-      run["results"]["domain"]["features"]["weights_sha1"]
+  assert results["evaluator"]["weights_sha1"] == run["results"]["evaluator"]["weights_sha1"]
   with open(os.path.join(run["workdir"], "results.json")) as f:
     saved = json.load(f)
   assert set(saved) == {"1", "2"}
   assert saved["1"] == json.loads(json.dumps(run["results"]))
-  real, _ = real_images(run["builder"], 2, classes=[1])
-  inception = features.load_inception()
+  real, _ = decode(run["builder"], "test", roles(run["builder"])["perm"][1][:2])
+  extractor = inception.load_inception()
   entry = results["inception"]["classes"]["Trouser"]
   assert (entry["n_real"], entry["n_fake"]) == (2, 2)
-  assert_close(entry["fid"], metrics.fid(inception(real), inception(fake)))
-  assert results["inception"]["features"]["weights_sha1"] == features.INCEPTION_SHA1
+  assert_close(entry["fd"]["value"], metrics.fid(extractor(real), extractor(fake)))
+  assert results["inception"]["features"]["weights_sha1"] == inception.INCEPTION_SHA1
   assert "downstream" not in results and list(results["domain"]["classes"]) == ["Trouser"]

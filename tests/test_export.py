@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 
 from configs import common
-from grasp_jax import export
-from grasp_jax import optim
+from grasp_jax.inference import export
+from grasp_jax.run import stages
 from grasp_jax import partition as partition_lib
 from grasp_jax.models import adapters
 from grasp_jax.models import convert
 from grasp_jax.models import dit
 from grasp_jax.models import unet
+from grasp_jax.models import trainable as trainable_lib
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -258,11 +259,11 @@ def test_run_export_writes_both_products(method, tmp_path):
   config = _run_config(method, 8)
   config.model.pretrained = str(tmp_path / "base")
   convert.save_diffusers(config.model.pretrained, {}, UNET)  # Only its config.json is read.
-  trainable, frozen = optim.split(params, config.method.trainable)
+  trainable, frozen = trainable_lib.split(params, config.method.trainable)
   trainer = types.SimpleNamespace(frozen=frozen, state=types.SimpleNamespace(
       params=trainable, ema={}, extra={}))
   exp = types.SimpleNamespace(config=config, module=module, partition=PARTITION)
-  out = export.run_export(exp, trainer, str(tmp_path))
+  out = stages.export_run(exp, trainer, str(tmp_path))
   variables, part, _ = export.load_adapters(out["adapters"])
   assert part == PARTITION
   jax.tree.map(np.testing.assert_array_equal, variables["params"], trainable)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from grasp_jax.diffusion import schedules
-from grasp_jax.features import ddpm
-from grasp_jax.features import quality
+from grasp_jax.feature_ddpm import ddpm
+from grasp_jax.feature_ddpm import quality
 
 
 def test_forward_marginals_match_closed_form():

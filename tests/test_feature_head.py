@@ -3,8 +3,8 @@ import jax
 import numpy as np
 import pytest
 
-from grasp_jax.features import head
-from grasp_jax.features import losses
+from grasp_jax.feature_ddpm import head
+from grasp_jax.feature_ddpm import losses
 
 
 def test_mixed_class_counts_by_hand():

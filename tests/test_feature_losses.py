@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from grasp_jax.features import losses
+from grasp_jax.feature_ddpm import losses
 
 
 def test_class_balanced_weights_by_hand():

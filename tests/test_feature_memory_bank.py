@@ -3,7 +3,7 @@ import jax
 import numpy as np
 import pytest
 
-from grasp_jax.features import memory_bank
+from grasp_jax.feature_ddpm import memory_bank
 
 C, D, K, A = 3, 4, 5, 0.3
 

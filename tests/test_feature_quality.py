@@ -4,7 +4,7 @@ import pytest
 from scipy.spatial import distance
 import torch
 
-from grasp_jax.features import quality
+from grasp_jax.feature_ddpm import quality
 
 
 @pytest.fixture(scope="module")

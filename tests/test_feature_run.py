@@ -5,7 +5,7 @@ import os
 import pytest
 
 from configs import feature_ddpm
-from grasp_jax.features import run
+from grasp_jax.feature_ddpm import run
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from grasp_jax.evaluation import features
+from grasp_jax.evaluation import inception
 from grasp_jax.evaluation import fid as fid_cli
 
 
@@ -32,7 +32,7 @@ def _write_folders(root):
 
 
 def _reference_features(paths):
-  model = torch.jit.load(str(features.inception_weights_path())).eval()
+  model = torch.jit.load(str(inception.inception_weights_path())).eval()
   batch = []
   for path in paths:
     image = Image.open(path)
@@ -72,8 +72,10 @@ def test_cli_matches_reference(tmp_path):
   assert run.returncode == 0, run.stderr[-3000:]
   printed = dict(re.findall(r"^(\w+): (.*)$", run.stdout, re.MULTILINE))
   assert printed["n_a"] == "6" and printed["n_b"] == "6"
-  assert printed["weights_sha1"] == features.INCEPTION_SHA1
+  assert printed["weights_sha1"] == inception.INCEPTION_SHA1
   assert printed["resolution"] == "299" and printed["resize"] == "bilinear-antialias"
+  assert printed["mode"] == "ours"
+  assert run.stdout.count("warning: ") == 2 and "N = 6 < 2048 feature dims" in run.stdout
 
   feats_a = _reference_features(sorted(p for p in dir_a.rglob("*.png")))
   feats_b = _reference_features(sorted(p for p in dir_b.glob("*.*") if p.suffix != ".txt"))
@@ -104,3 +106,35 @@ def test_folder_errors(tmp_path):
   with pytest.raises(ValueError, match="deep.png: I;16 pixels are not 8-bit"):
     fid_cli.load_image(tmp_path / "deep.png")
   assert [p.name for p in fid_cli.list_images(tmp_path, max_images=1)] == ["bad.png"]
+
+
+def test_clean_mode_matches_reference(tmp_path):
+  """--mode=clean: features of clean-fid's resize (PIL bicubic per float32 channel, clipped)
+  done here by hand, through the TorchScript network."""
+  dir_a, dir_b = _write_folders(tmp_path)
+  model = torch.jit.load(str(inception.inception_weights_path())).eval()
+
+  def features(paths):
+    batch = []
+    for path in paths:
+      rgb = np.asarray(Image.open(path).convert("RGB"), np.float32)
+      x = np.stack([np.asarray(Image.fromarray(rgb[..., ch], mode="F").resize(
+          (299, 299), Image.BICUBIC)) for ch in range(3)], -1).clip(0, 255)
+      batch.append(((x - 128.0) / 128.0).transpose(2, 0, 1))
+    with torch.no_grad():
+      return model(torch.from_numpy(np.stack(batch))).numpy().astype(np.float64)
+
+  result = fid_cli.compare_folders(dir_a, dir_b, batch_size=6, mode="clean")
+  expected = _reference_fid(features(sorted(dir_a.rglob("*.png"))),
+                            features(sorted(p for p in dir_b.glob("*.*") if p.suffix != ".txt")))
+  np.testing.assert_allclose(result["fid"], expected, rtol=5e-3)
+  assert result["mode"] == "clean" and len(result["warnings"]) == 2
+
+
+def test_one_image_names_the_folder(tmp_path):
+  dir_a, dir_b = _write_folders(tmp_path)
+  single = tmp_path / "single"
+  single.mkdir()
+  Image.fromarray(np.zeros((8, 8), np.uint8)).save(single / "0.png")
+  with pytest.raises(ValueError, match=f"{single} holds 1 image; FID needs at least 2"):
+    fid_cli.compare_folders(dir_a, single)

@@ -19,8 +19,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import common
-from grasp_jax import generate
-from grasp_jax import sharding
+from grasp_jax.inference import generate
+from grasp_jax.parallel import sharding
 from grasp_jax.diffusion import schedules
 from grasp_jax.partition import Partition
 
@@ -106,17 +106,23 @@ def prompt(c):
 
 
 def reference_ddim(labels, rng):
-  """DDIM (eta 0, 'leading' steps, alpha_bar_prev = 1 at the end) with CFG, per sample, numpy."""
+  """DDIM (eta 0, 'leading' steps, alpha_bar_prev = 1 at the end) with CFG, per sample, numpy:
+  each class's template prompt and cluster."""
+  return reference_ddim_prompts([prompt(c) for c in labels], [TABLE[c] for c in labels], rng)
+
+
+def reference_ddim_prompts(texts, clusters, rng):
+  """`reference_ddim` for free prompts with their clusters."""
   betas = np.linspace(1e-4, 0.02, 1000, dtype=np.float64)
   abar = np.cumprod(1.0 - betas)
   ts = np.arange(STEPS)[::-1] * (1000 // STEPS)
   null = embedding("").mean()
   out = []
-  for i, c in enumerate(labels):
+  for i, (text, k) in enumerate(zip(texts, clusters)):
     x = np.asarray(jax.random.normal(jax.random.fold_in(rng, i), (SIZE, SIZE, 1)), np.float64)
-    cond = embedding(prompt(c)).mean()
+    cond = embedding(text).mean()
     for t in ts:
-      base = 0.9 * np.cos(t / 1000) * x + 0.05 * TABLE[c]
+      base = 0.9 * np.cos(t / 1000) * x + 0.05 * k
       eps_c, eps_u = base + 0.3 * cond, base + 0.3 * null
       eps = eps_u + SCALE * (eps_c - eps_u)
       x0 = (x - np.sqrt(1 - abar[t]) * eps) / np.sqrt(abar[t])
@@ -133,6 +139,19 @@ def test_matches_numpy_ddim_with_guidance(eps_exp):
   expected = reference_ddim(labels, rng)
   assert got.shape == (11, SIZE, SIZE, 1) and got.dtype == np.float32
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_free_prompts_with_their_clusters(eps_exp):
+  texts, clusters = ["a cat", "a photo of a bag", "", "a cat"], [3, 0, 2, 1]
+  rng = jax.random.key(4)
+  seen = []
+  got = generate.sample_prompts(eps_exp, PARAMS, {}, texts, clusters, rng, batch_size=3,
+                                progress=lambda done, n: seen.append((done, n)))
+  np.testing.assert_allclose(got, reference_ddim_prompts(texts, clusters, rng), rtol=1e-4,
+                             atol=1e-4)
+  assert seen == [(3, 4), (4, 4)]
+  with pytest.raises(ValueError, match="4 prompts but 3 cluster ids"):
+    generate.sample_prompts(eps_exp, PARAMS, {}, texts, clusters[:3], rng)
 
 
 def test_sharded_equals_unsharded_and_any_batch_size(eps_exp):

@@ -12,7 +12,8 @@ import optax
 from optax import tree_utils as otu
 import pytest
 
-from grasp_jax import optim
+from grasp_jax.trainer import optim
+from grasp_jax.models import trainable as trainable_lib
 
 K, C, R = 3, 4, 2
 LR, WD = 1e-2, 0.1
@@ -50,14 +51,14 @@ def _config(**kw):
 
 def test_split_merge_and_mask():
   params = _params()
-  mask = optim.trainable_mask(params, r".*/adapter/.*")
+  mask = trainable_lib.trainable_mask(params, r".*/adapter/.*")
   assert mask["blocks_0"]["ff"]["adapter"]["down"] and not mask["blocks_0"]["ff"]["net_2"]["kernel"]
-  trainable, frozen = optim.split(params, (r".*/adapter/.*", r".*/norm/scale"))
+  trainable, frozen = trainable_lib.split(params, (r".*/adapter/.*", r".*/norm/scale"))
   assert set(trainable["blocks_0"]) == {"ff", "norm"} and "net_2" not in trainable["blocks_0"]["ff"]
   assert set(frozen["blocks_0"]["ff"]) == {"net_2"}
-  jax.tree.map(np.testing.assert_array_equal, optim.merge(trainable, frozen), params)
+  jax.tree.map(np.testing.assert_array_equal, trainable_lib.merge(trainable, frozen), params)
   with pytest.raises(ValueError, match="match no parameter"):
-    optim.split(params, r".*/lora_.*")
+    trainable_lib.split(params, r".*/lora_.*")
 
 
 def _adam_state(state):
@@ -134,7 +135,7 @@ def test_clipping_does_not_leak_into_absent_rows():
 
 
 def test_frozen_leaves_get_no_optimizer_state():
-  trainable, frozen = optim.split(_params(), r".*/adapter/.*")
+  trainable, frozen = trainable_lib.split(_params(), r".*/adapter/.*")
   tx = optim.make_optimizer(_config(), total_steps=10)
   state = tx.init(trainable)
   paths = {"/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in kp)

@@ -11,6 +11,9 @@ import numpy as np
 import pytest
 
 from grasp_jax import partition as P
+from grasp_jax.data import classes as class_lists
+from grasp_jax.data import labels as label_tables
+from grasp_jax.partition import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -103,9 +106,9 @@ def test_single_and_class_strategies():
   assert part.cluster_names == NAMES and part.class_to_cluster == tuple(range(8))
 
 
-@pytest.mark.parametrize("classes,c,k", [(P.MIMIC_CXR_LT_CLASSES, 19, 7),
-                                         (P.NIH_CXR_LT_CLASSES, 20, 6),
-                                         (P.CXR_LT_2023_CLASSES, 26, 7)])
+@pytest.mark.parametrize("classes,c,k", [(class_lists.MIMIC_CXR_LT_CLASSES, 19, 7),
+                                         (class_lists.NIH_CXR_LT_CLASSES, 20, 6),
+                                         (class_lists.CXR_LT_2023_CLASSES, 26, 7)])
 def test_default_anatomical_groups(classes, c, k):
   assert len(set(classes)) == len(classes) == c
   part = P.build_partition(classes, range(len(classes)), strategy="groups", groups="anatomical")
@@ -271,24 +274,24 @@ CXR_ROWS = [
 def test_read_cxr_lt_table_and_uncertain(tmp_path, suffix):
   path = _write_csv(tmp_path / f"t{suffix}", CXR_HEADER, CXR_ROWS)
   with pytest.raises(ValueError, match=f"{path}:6: column 'Edema' is -1"):
-    P.read_label_table(path)
-  ones = P.read_label_table(path, uncertain="ones")
+    label_tables.read_label_table(path)
+  ones = label_tables.read_label_table(path, uncertain="ones")
   assert ones.class_names == ("No Finding", "Edema", "Mass", "Hernia")
   np.testing.assert_array_equal(ones.labels, [[1, 0, 0, 0], [0, 1, 0, 0], [0, 1, 1, 0],
                                               [0, 1, 1, 1], [0, 1, 1, 0]])
   np.testing.assert_array_equal(ones.lines, [2, 3, 4, 5, 6])
   assert ones.columns["dicom_id"] == ["d1", "d2", "d3", "d4", "d5"]
   for policy in ("zeros", "ignore"):
-    np.testing.assert_array_equal(P.read_label_table(path, uncertain=policy).labels[4],
+    np.testing.assert_array_equal(label_tables.read_label_table(path, uncertain=policy).labels[4],
                                   [0, 0, 1, 0])
-  sub = P.read_label_table(path, classes=["Mass", "Edema"], uncertain="zeros")
+  sub = label_tables.read_label_table(path, classes=["Mass", "Edema"], uncertain="zeros")
   np.testing.assert_array_equal(sub.labels[:, 0], [0, 0, 1, 1, 1])
 
 
 def test_cli_cxr_lt_table(tmp_path):
   path = _write_csv(tmp_path / "t.csv.gz", CXR_HEADER, CXR_ROWS)
   out = tmp_path / "part.json"
-  d = json.loads(P.run(path, strategy="healthy+frequency", k=3, uncertain="ones", as_json=True,
+  d = json.loads(cli.run(path, strategy="healthy+frequency", k=3, uncertain="ones", as_json=True,
                        out=str(out)))
   # Class counts: No Finding 1, Edema 4, Mass 3, Hernia 1 -> head {Edema, Mass}, tail {Hernia}.
   # Rarest label per row: NF, Edema, Mass, Hernia, Mass -> healthy 1, head 3, tail 1.
@@ -298,7 +301,7 @@ def test_cli_cxr_lt_table(tmp_path):
   assert P.Partition.load(out).to_json() == {k: d[k] for k in P.Partition.load(out).to_json()}
   # Counts 1, 3, 3, 1: head (> 2) {Edema, Mass}; rows NF, Edema, Edema=Mass tie -> Edema,
   # Hernia, Mass -> head 3 of 5.
-  text = P.run(path, strategy="frequency", thresholds=(2,), uncertain="zeros")
+  text = cli.run(path, strategy="frequency", thresholds=(2,), uncertain="zeros")
   assert "5 samples" in text and "Edema (3)" in text and "60.00%" in text
 
 
@@ -306,24 +309,25 @@ def test_cli_nih_table_and_empty_rows(tmp_path):
   rows = [["00001.png", "No Finding", 0], ["00002.png", "Mass|Hernia", 1],
           ["00003.png", "Edema", 0], ["00004.png", "Edema|Mass", 2], ["00005.png", "", 0]]
   path = _write_csv(tmp_path / "nih.csv", ["Image Index", "Finding Labels", "Follow-up #"], rows)
-  table = P.read_label_table(path, label_column="Finding Labels")
+  table = label_tables.read_label_table(path, label_column="Finding Labels")
   assert table.class_names == ("Edema", "Hernia", "Mass", "No Finding")
   np.testing.assert_array_equal(table.labels, [[0, 0, 0, 1], [0, 1, 1, 0], [1, 0, 0, 0],
                                                [1, 0, 1, 0], [0, 0, 0, 0]])
   assert table.columns["Image Index"][1] == "00002.png"
   with pytest.raises(ValueError, match=f"{path}:6: row has no positive label"):
-    P.run(path, strategy="healthy", label_column="Finding Labels")
-  d = json.loads(P.run(path, strategy="healthy", empty="healthy", as_json=True))
+    cli.run(path, strategy="healthy", label_column="Finding Labels")
+  d = json.loads(cli.run(path, strategy="healthy", empty="healthy", as_json=True))
   assert [c["count"] for c in d["clusters"]] == [2, 3]
-  d = json.loads(P.run(path, strategy="healthy", empty="drop", as_json=True))
+  d = json.loads(cli.run(path, strategy="healthy", empty="drop", as_json=True))
   assert [c["count"] for c in d["clusters"]] == [1, 3] and d["dropped_empty_rows"] == 1
-  with pytest.raises(ValueError, match=r"no label column 'Labels'; columns are \['Image Index'"):
-    P.read_label_table(path, label_column="Labels")
+  with pytest.raises(ValueError, match=r"no label column 'Labels' \(did you mean 'Finding Labels'\?\); "
+                     r"columns are \['Image Index'"):
+    label_tables.read_label_table(path, label_column="Labels")
   with pytest.raises(ValueError, match=f"{path}:3: .*finding 'Hernia'"):
-    P.read_label_table(path, classes=["No Finding", "Edema", "Mass"])
+    label_tables.read_label_table(path, classes=["No Finding", "Edema", "Mass"])
   groups = tmp_path / "g.json"
   groups.write_text(json.dumps({"lung": ["Edema", "Mass"], "other": ["Hernia"]}))
-  d = json.loads(P.run(path, strategy="healthy+groups", groups=str(groups), empty="drop",
+  d = json.loads(cli.run(path, strategy="healthy+groups", groups=str(groups), empty="drop",
                        as_json=True))
   assert [(c["name"], c["count"]) for c in d["clusters"]] == [("healthy", 1), ("lung", 2),
                                                                ("other", 1)]
@@ -337,25 +341,27 @@ def test_cli_nih_table_and_empty_rows(tmp_path):
 def test_bad_rows_name_file_line_column(tmp_path, row, match):
   path = _write_csv(tmp_path / "t.csv", CXR_HEADER, [CXR_ROWS[0], row, CXR_ROWS[1]])
   with pytest.raises(ValueError, match=match):
-    P.read_label_table(path)
+    label_tables.read_label_table(path)
 
 
 def test_malformed_csv_and_unknown_label_column(tmp_path):
   path = tmp_path / "q.csv"
   path.write_text("id,A,B\n1,0,1\n2,\"1\"x,0\n")
   with pytest.raises(ValueError, match="q.csv:3: malformed CSV"):
-    P.read_label_table(str(path))
-  path.write_text("id,Sex2,A\n1,M,1\n")
-  with pytest.raises(ValueError, match="q.csv:2: column 'Sex2' has value 'M'.*--classes"):
-    P.read_label_table(str(path))
+    label_tables.read_label_table(str(path))
+  path.write_text("id,Sex2,Mass\n1,M,1\n")
+  with pytest.raises(ValueError, match="q.csv: column 'Sex2' is not a class of nih_cxr_lt"):
+    label_tables.read_label_table(str(path))
+  with pytest.raises(ValueError, match="q.csv:2: column 'Sex2' has value 'M'; expected 1, 0"):
+    label_tables.read_label_table(str(path), classes=["Sex2", "Mass"])
   (tmp_path / "e.csv").write_text("")
   with pytest.raises(ValueError, match="e.csv: empty file"):
-    P.read_label_table(str(tmp_path / "e.csv"))
+    label_tables.read_label_table(str(tmp_path / "e.csv"))
 
 
 def _fabricate_large(tmp_path, n=150_000):
   rng = np.random.default_rng(0)
-  classes = P.CXR_LT_2023_CLASSES
+  classes = class_lists.CXR_LT_2023_CLASSES
   hot = rng.random((n, len(classes))) < 0.3 / (1 + np.arange(len(classes)))
   nf = classes.index("No Finding")
   hot[~hot.any(1), nf] = True
@@ -374,11 +380,11 @@ def _fabricate_large(tmp_path, n=150_000):
 
 def test_large_tables_through_cli(tmp_path):
   hot, cxr, nih = _fabricate_large(tmp_path)
-  classes = P.CXR_LT_2023_CLASSES
+  classes = class_lists.CXR_LT_2023_CLASSES
   expected_ids = None
   for path, kw in ((cxr, {}), (nih, dict(classes=list(classes)))):
     start = time.perf_counter()
-    d = json.loads(P.run(path, strategy="healthy+frequency", k=4, as_json=True, **kw))
+    d = json.loads(cli.run(path, strategy="healthy+frequency", k=4, as_json=True, **kw))
     print(f"\n{os.path.basename(path)}: {len(hot)} rows in {time.perf_counter() - start:.2f} s")
     assert d["class_counts"] == dict(zip(classes, map(int, hot.sum(0))))
     part = P.Partition.from_json(d)
@@ -407,3 +413,18 @@ def test_module_cli_subprocess(tmp_path):
   assert res.returncode == 1 and "--thresholds must be numbers" in res.stderr
   res = subprocess.run(cmd[:4], capture_output=True, text=True, cwd=ROOT)
   assert res.returncode == 1 and "t.csv:6: column 'Edema' is -1" in res.stderr
+
+
+def test_random_strategy_deals_classes_into_k_clusters():
+  names = tuple(f"c{i}" for i in range(10))
+  counts = tuple(range(100, 0, -10))
+  part = P.build_partition(names, counts, strategy="healthy+random", k=4, healthy="c0", seed=3)
+  assert part.cluster_names == ("healthy", "random_0", "random_1", "random_2")
+  sizes = sorted(len(part.classes_of(c)) for c in range(1, 4))
+  assert sizes == [3, 3, 3] and part.classes_of(0) == ("c0",)
+  # Seeded: the same seed gives the same table, another seed (here) another one.
+  again = P.build_partition(names, counts, strategy="healthy+random", k=4, healthy="c0", seed=3)
+  other = P.build_partition(names, counts, strategy="healthy+random", k=4, healthy="c0", seed=4)
+  assert again.class_to_cluster == part.class_to_cluster != other.class_to_cluster
+  with pytest.raises(ValueError, match="leaves 11 clusters for 9 classes"):
+    P.build_partition(names, counts, strategy="healthy+random", k=12, healthy="c0")

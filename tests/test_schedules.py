@@ -35,10 +35,13 @@ def test_matches_diffusers_ddpm(beta_schedule, rescale):
   np.testing.assert_allclose(schedule.betas, ref.betas.numpy(), rtol=2e-5, atol=1e-6)
   t = torch.tensor(T_IDX)
   x0, noise = torch.tensor(X0), torch.tensor(NOISE)
+  # diffusers takes sqrt(abar) and sqrt(1 - abar) of float32 abar; 1 - abar cancels at the ends
+  # of the rescaled cosine schedule, where that float32 path differs from ours by ~4e-5 (seen on
+  # this CPU, with the previous commit's code too).
   np.testing.assert_allclose(sched.add_noise(schedule, X0, NOISE, jnp.asarray(T_IDX)),
-                             ref.add_noise(x0, noise, t).numpy(), rtol=1e-5, atol=1e-5)
+                             ref.add_noise(x0, noise, t).numpy(), rtol=1e-5, atol=1e-4)
   np.testing.assert_allclose(sched.get_velocity(schedule, X0, NOISE, jnp.asarray(T_IDX)),
-                             ref.get_velocity(x0, noise, t).numpy(), rtol=1e-5, atol=1e-5)
+                             ref.get_velocity(x0, noise, t).numpy(), rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("prediction_type", sched.PREDICTION_TYPES)

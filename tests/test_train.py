@@ -15,7 +15,7 @@ import pytest
 
 from configs import common
 from grasp_jax import partition as partition_lib
-from grasp_jax import train
+from grasp_jax.trainer import loop
 from grasp_jax.models import adapters
 from grasp_jax.models import attention
 
@@ -74,9 +74,6 @@ class ToyExperiment:
     y = self.module.apply({"params": params, **extra}, batch["x"], batch["cluster_id"])
     return jnp.mean(jnp.square(y - batch["x"] @ self.target), axis=(1, 2)), 0.0
 
-  def periodic(self, trainer, step, writer):
-    pass
-
 
 def toy_config(steps, checkpoint_every, data=-1, fsdp=1):
   c = common.base_config()
@@ -94,9 +91,9 @@ def trainable(trainer):
 
 
 def test_sharded_step_equals_single_device(tmp_path):
-  single = train.fit(ToyExperiment(toy_config(3, 100), (0, 1, 2, 3)), toy_config(3, 100),
+  single = loop.fit(ToyExperiment(toy_config(3, 100), (0, 1, 2, 3)), toy_config(3, 100),
                      str(tmp_path / "one"), devices=jax.devices()[:1])
-  sharded = train.fit(ToyExperiment(toy_config(3, 100), (0, 1, 2, 3)), toy_config(3, 100),
+  sharded = loop.fit(ToyExperiment(toy_config(3, 100), (0, 1, 2, 3)), toy_config(3, 100),
                       str(tmp_path / "eight"))
   assert len(sharded.mesh.devices.flatten()) == 8
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
@@ -104,12 +101,12 @@ def test_sharded_step_equals_single_device(tmp_path):
 
 
 def test_resume_matches_uninterrupted(tmp_path, monkeypatch):
-  full = train.fit(ToyExperiment(toy_config(6, 3), (0, 1, 2, 3)), toy_config(6, 3),
+  full = loop.fit(ToyExperiment(toy_config(6, 3), (0, 1, 2, 3)), toy_config(6, 3),
                    str(tmp_path / "full"))
   monkeypatch.chdir(tmp_path)
   part = "part"  # Relative, as the README's --workdir=workdir/demo.
-  train.fit(ToyExperiment(toy_config(3, 3), (0, 1, 2, 3)), toy_config(3, 3), part)
-  resumed = train.fit(ToyExperiment(toy_config(6, 3), (0, 1, 2, 3)), toy_config(6, 3), part)
+  loop.fit(ToyExperiment(toy_config(3, 3), (0, 1, 2, 3)), toy_config(3, 3), part)
+  resumed = loop.fit(ToyExperiment(toy_config(6, 3), (0, 1, 2, 3)), toy_config(6, 3), part)
   assert int(resumed.state.step) == 6
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), trainable(full),
                trainable(resumed))
@@ -118,10 +115,10 @@ def test_resume_matches_uninterrupted(tmp_path, monkeypatch):
 def test_absent_cluster_rows_bitwise_unchanged(tmp_path):
   config = toy_config(2, 100)
   exp = ToyExperiment(config, clusters=(0, 2))
-  trainer = train.setup(exp, config, train.sharding.make_mesh(config.mesh),
+  trainer = loop.setup(exp, config, loop.sharding.make_mesh(config.mesh),
                         exp.device_batch(next(exp.train_iterator())))
   before = jax.device_get((trainer.state.params, trainer.state.opt_state))
-  after = train.fit(exp, config, str(tmp_path / "run"))
+  after = loop.fit(exp, config, str(tmp_path / "run"))
   after = jax.device_get((after.state.params, after.state.opt_state))
   checked = 0
   for (path, old), new in zip(jax.tree_util.tree_leaves_with_path(before),
@@ -140,14 +137,14 @@ def test_absent_cluster_rows_bitwise_unchanged(tmp_path):
 def test_non_finite_loss_stops_with_step_and_clusters(tmp_path):
   config = toy_config(8, 100)
   exp = ToyExperiment(config, clusters=(0, 1, 2, 3), poisoned=3)
-  with pytest.raises(train.NonFiniteLossError, match=r"at step 1; clusters in the batch: \[.*3"):
-    train.fit(exp, config, str(tmp_path / "run"))
+  with pytest.raises(loop.NonFiniteLossError, match=r"at step 1; clusters in the batch: \[.*3"):
+    loop.fit(exp, config, str(tmp_path / "run"))
 
 
 def test_non_finite_steps_are_skipped_when_configured(tmp_path):
   config = toy_config(4, 100)
   config.train.nan_policy = "skip"
-  trainer = train.fit(ToyExperiment(config, clusters=(0, 1, 2, 3), poisoned=3), config,
+  trainer = loop.fit(ToyExperiment(config, clusters=(0, 1, 2, 3), poisoned=3), config,
                       str(tmp_path / "run"))
   assert int(trainer.state.step) == 4
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(trainable(trainer)))

@@ -26,8 +26,9 @@ import functools
 import io
 import logging
 import os
+import re
 import sys
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import grain
 import jax
@@ -38,21 +39,47 @@ from etils import epath
 from tensorflow_datasets.proto import tf_example_pb2
 
 import grasp_jax.data.builders  # pylint: disable=unused-import  (registers the builders)
+from grasp_jax.data.builders import base
 
 BALANCE = (None, "class", "cluster")
 
 
+OPTIONS_PATTERN = r"(\w+=[^,=\s]+(,\w+=[^,=\s]+)*)?"  # As checked by run/setup.py.
+
+
+def parse_options(text: str) -> dict[str, str]:
+  """"skip_bad_images=true,resolution=512" -> {"skip_bad_images": "true", "resolution": "512"}."""
+  items = [item.split("=") for item in text.split(",")] if text else []
+  if not re.fullmatch(OPTIONS_PATTERN, text) or len({k for k, _ in items}) < len(items):
+    raise ValueError(f"builder options {text!r}: expected distinct key=value items separated "
+                     "by commas, without spaces, e.g. 'skip_bad_images=true,resolution=512'")
+  return dict(items)
+
+
 def load_builder(name: str, data_dir: str | None, *, build: bool = False,
-                 manual_dir: str | None = None) -> tfds.core.DatasetBuilder:
-  """The builder `name` ("fashion_mnist_lt", "mimic_cxr_lt/cxr_lt_2023", ...), built if asked."""
-  builder = tfds.builder(name, data_dir=data_dir)
+                 manual_dir: str | None = None,
+                 options: Mapping[str, Any] | None = None) -> tfds.core.DatasetBuilder:
+  """The builder `name` ("fashion_mnist_lt", "mimic_cxr_lt/cxr_lt_2023", ...), built if asked.
+
+  `options` set fields of the builder config (builders.base.with_options: e.g.
+  {"skip_bad_images": True}; strings such as "true" are parsed); the dataset then has its own
+  config name and folder.
+  """
+  if options:
+    builder_name, _, config_name = name.partition("/")
+    config = base.with_options(tfds.builder_cls(builder_name), config_name or None, options)
+    builder = tfds.builder(builder_name, config=config, data_dir=data_dir)
+  else:
+    builder = tfds.builder(name, data_dir=data_dir)
   if build:
-    config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
-    builder.download_and_prepare(download_config=config)
+    download = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
+    builder.download_and_prepare(download_config=download)
   elif not builder.is_prepared():
+    given = f", options={dict(options)!r}" if options else ""
     raise FileNotFoundError(
-        f"dataset {name} is not built under {builder.data_dir}; build it once with "
-        f"load_builder({name!r}, {data_dir!r}, build=True[, manual_dir=...])")
+        f"dataset {builder.name}/{builder.builder_config_name} is not built under "
+        f"{builder.data_dir}; build it once with load_builder({name!r}, {data_dir!r}, "
+        f"build=True[, manual_dir=...]{given})")
   return builder
 
 

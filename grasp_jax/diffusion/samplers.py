@@ -1,4 +1,4 @@
-"""Samplers: DDIM, DPM-Solver++(2M), Euler for rectified flow; classifier-free guidance.
+"""Samplers: DDIM, DPM-Solver++(2M), rectified-flow Euler; classifier-free and minority guidance.
 
 Each sampler follows its diffusers scheduler step for step (DDIMScheduler,
 DPMSolverMultistepScheduler with algorithm_type='dpmsolver++', solver_order=2, midpoint,
@@ -8,12 +8,14 @@ single compilation serves all steps. Everything is batch-parallel; sharding is t
 
 `model_fn(x_t, t, cond, cluster_ids) -> prediction` (or `(prediction, aux)`; aux is ignored) with
 x_t [B, ...], t [B] (int32 DDPM timesteps, or float32 sigma * T for flow), cond a pytree whose
-leaves have a leading batch axis, cluster_ids int32 [B] or None.
+leaves have a leading batch axis, cluster_ids int32 [B] or None. The loops call
+`denoise(x_t, t, step)` with the step index, which only minority guidance (minority.py) uses.
 """
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from grasp_jax.diffusion import minority
 from grasp_jax.diffusion import schedules as sched
 
 SAMPLERS = ("ddim", "dpmsolver++", "euler")
@@ -177,12 +179,13 @@ def _ddim_loop(denoise, schedule, x, rng, num_steps, spacing, eta):
   keys = jax.random.split(rng, num_steps)
 
   def body(x, step):
-    t, t_prev, key = step
-    pred = denoise(x, _batch_t(t, x.shape[0], jnp.int32))
+    i, t, t_prev, key = step
+    pred = denoise(x, _batch_t(t, x.shape[0], jnp.int32), i)
     noise = jax.random.normal(key, x.shape, x.dtype) if eta > 0 else None
     return ddim_step(schedule, pred, x, t, t_prev, eta, noise)[0], None
 
-  return jax.lax.scan(body, x, (jnp.asarray(ts, jnp.int32), jnp.asarray(prev, jnp.int32), keys))[0]
+  steps = (jnp.arange(num_steps), jnp.asarray(ts, jnp.int32), jnp.asarray(prev, jnp.int32), keys)
+  return jax.lax.scan(body, x, steps)[0]
 
 
 def _dpm_loop(denoise, schedule, x, num_steps, spacing, final_sigmas_type):
@@ -206,8 +209,8 @@ def _dpm_loop(denoise, schedule, x, num_steps, spacing, final_sigmas_type):
 
   def body(carry, step):
     x, prev_x0 = carry
-    t, sigma, sigma_next, sigma_prev, second_order = step
-    pred = denoise(x, _batch_t(t, x.shape[0], jnp.int32))
+    i, t, sigma, sigma_next, sigma_prev, second_order = step
+    pred = denoise(x, _batch_t(t, x.shape[0], jnp.int32), i)
     alpha, s = _vp_coeffs(sigma)
     if prediction_type == "epsilon":
       x0 = (x - s * pred) / alpha
@@ -218,7 +221,8 @@ def _dpm_loop(denoise, schedule, x, num_steps, spacing, final_sigmas_type):
     x = dpm_solver_step(x0, prev_x0, x, sigma, sigma_next, sigma_prev, second_order)
     return (x, x0), None
 
-  steps = (jnp.asarray(ts, jnp.int32), sig[:-1], sig[1:], sig_prev, jnp.asarray(second))
+  steps = (jnp.arange(num_steps), jnp.asarray(ts, jnp.int32), sig[:-1], sig[1:], sig_prev,
+           jnp.asarray(second))
   return jax.lax.scan(body, (x, jnp.zeros_like(x)), steps)[0][0]
 
 
@@ -226,16 +230,17 @@ def _euler_loop(denoise, schedule, x, num_steps):
   sigmas = jnp.asarray(flow_euler_sigmas(schedule, num_steps), jnp.float32)
 
   def body(x, step):
-    sigma, sigma_next = step
+    i, sigma, sigma_next = step
     t = _batch_t(sigma * schedule.num_train_timesteps, x.shape[0], jnp.float32)
-    return euler_step(denoise(x, t), x, sigma, sigma_next), None
+    return euler_step(denoise(x, t, i), x, sigma, sigma_next), None
 
-  return jax.lax.scan(body, x, (sigmas[:-1], sigmas[1:]))[0]
+  return jax.lax.scan(body, x, (jnp.arange(num_steps), sigmas[:-1], sigmas[1:]))[0]
 
 
 def sample(model_fn, schedule, shape, cond, cluster_ids, rng, *, null_cond=None,
            guidance_scale=1.0, num_steps=None, sampler=None, eta=0.0, timestep_spacing=None,
-           final_sigmas_type="zero", x_init=None, null_cluster_ids=None):
+           final_sigmas_type="zero", x_init=None, null_cluster_ids=None, minority_guidance=0.0,
+           minority_perturb_time=minority.PERTURB_TIME, minority_every=1, minority_min_time=0.0):
   """Generates x0 [shape] from noise.
 
   Args:
@@ -254,6 +259,11 @@ def sample(model_fn, schedule, shape, cond, cluster_ids, rng, *, null_cond=None,
     final_sigmas_type: DPM-Solver++ last sigma, 'zero' or 'sigma_min'.
     x_init: optional initial noise instead of drawing it from `rng`.
     null_cluster_ids: cluster ids of the unconditional pass (default: `cluster_ids`).
+    minority_guidance: weight w of self-guided minority guidance (Um & Ye 2024, see minority.py),
+      a Python float; 0 runs the plain sampler (the guidance is not traced).
+    minority_perturb_time: re-noising level s / T of the minority score (paper: 0.8).
+    minority_every: guide every n-th step, counted back from the last (paper: intermittent).
+    minority_min_time: guide only steps with t >= min_time * T (paper's t_mid).
   Returns:
     The final sample, float32 [shape].
   """
@@ -267,8 +277,15 @@ def sample(model_fn, schedule, shape, cond, cluster_ids, rng, *, null_cond=None,
   init_rng, rng = jax.random.split(rng)
   x = (jax.random.normal(init_rng, shape, jnp.float32) if x_init is None
        else jnp.asarray(x_init, jnp.float32))
-  denoise = guided_denoiser(model_fn, cond, cluster_ids, null_cond, guidance_scale,
-                            null_cluster_ids)
+  plain = guided_denoiser(model_fn, cond, cluster_ids, null_cond, guidance_scale,
+                          null_cluster_ids)
+  if minority_guidance == 0:
+    denoise = lambda x, t, step: plain(x, t)
+  else:  # x_T is drawn as without guidance; DDIM's eta noise stream differs.
+    rng, minority_rng = jax.random.split(rng)
+    denoise = minority.minority_denoiser(
+        plain, schedule, num_steps, minority_rng, minority_guidance,
+        perturb_time=minority_perturb_time, every=minority_every, min_time=minority_min_time)
   if sampler == "ddim":
     return _ddim_loop(denoise, schedule, x, rng, num_steps, spacing, eta)
   if sampler == "dpmsolver++":

@@ -1,9 +1,10 @@
-"""Downstream classifier: a DenseNet-121-family network in Flax, its training loop and metrics.
+"""Image classifiers in Flax (DenseNet-121 family, a small CNN), their training loop and metrics.
 
 GRASP's downstream check trains a DenseNet on real and/or synthetic images and reports macro-F1,
-balanced accuracy, per-class F1 and how many classes get a nonzero F1. The same network is the
-domain feature extractor (`Classifier.features`: penultimate pooled features) for FID on domain
-features and the encoder phi of the feature-level method (grasp_jax/features).
+balanced accuracy, per-class F1 and how many classes get a nonzero F1. The DenseNet is also the
+encoder phi of the feature-level method (grasp_jax/feature_ddpm); the small CNN is the frozen
+evaluator (grasp_jax.evaluation.evaluator). `Classifier.features` are the penultimate pooled
+features of either.
 
   model = classifier.densenet(num_classes=10, **classifier.TINY)   # CPU-sized member
   clf = classifier.train(model, images, labels, steps=500)         # images [N,H,W,C] in [-1, 1]
@@ -11,6 +12,7 @@ features and the encoder phi of the feature-level method (grasp_jax/features).
 
 Images are float in [-1, 1] (uint8 arrays are rescaled on the way in).
 """
+import functools
 from typing import Callable, Mapping, Sequence
 
 from absl import logging
@@ -96,6 +98,26 @@ class DenseNet(nn.Module):
     return (logits, features) if return_features else logits
 
 
+class CNN(nn.Module):
+  """VGG-style: per stage `convs` 3x3 conv-BN-ReLU layers of `width` channels, a 2x2 max-pool
+  between stages; the penultimate features are the global mean of the last stage. Same call
+  convention as DenseNet."""
+  num_classes: int
+  widths: Sequence[int] = (32, 64, 128)
+  convs: int = 2
+
+  @nn.compact
+  def __call__(self, x, train=False, return_features=False):
+    for s, width in enumerate(self.widths):
+      if s:
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      for i in range(self.convs):
+        x = nn.relu(_norm(train, f"stage{s}_norm{i}")(_conv(width, 3, name=f"stage{s}_conv{i}")(x)))
+    features = jnp.mean(x, axis=(1, 2))
+    logits = nn.Dense(self.num_classes, name="head")(features)
+    return (logits, features) if return_features else logits
+
+
 def densenet(num_classes, **kwargs) -> DenseNet:
   """A DenseNet; `densenet(c, **DENSENET121)` is DenseNet-121, `densenet(c, **TINY)` the CPU one."""
   return DenseNet(num_classes=num_classes, **kwargs)
@@ -119,20 +141,28 @@ def cross_entropy(logits, labels, weights, step):
   """Weighted mean softmax cross-entropy, sum_i w_i l_i / sum_i w_i (torch's weighted mean).
 
   The common loss signature `(logits [B, C], labels [B], weights [B], step) -> scalar` is shared
-  with grasp_jax.features.losses so any cost-sensitive loss can train this classifier.
+  with grasp_jax.feature_ddpm.losses so any cost-sensitive loss can train this classifier.
   """
   del step
   per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   return jnp.sum(weights * per_example) / jnp.maximum(jnp.sum(weights), 1e-12)
 
 
-class Classifier:
-  """A trained network: batched, jitted inference on numpy arrays."""
+@functools.lru_cache(maxsize=16)
+def _forward(model):
+  """One jitted inference function per (hashable) model: equal models share compilations."""
+  return jax.jit(lambda v, x: model.apply(v, x, train=False, return_features=True))
 
-  def __init__(self, model: DenseNet, variables):
+
+class Classifier:
+  """A trained network: batched, jitted inference on numpy arrays. `history` holds what `train`
+  recorded (steps run, early-stopping curve)."""
+
+  def __init__(self, model, variables, history=None):
     self.model = model
     self.variables = variables
-    self._forward = jax.jit(lambda v, x: model.apply(v, x, train=False, return_features=True))
+    self.history = history or {}
+    self._forward = _forward(model)
 
   def _run(self, images, batch_size):
     images = to_model_input(images)
@@ -140,7 +170,7 @@ class Classifier:
     for i in range(0, len(images), batch_size):
       chunk = images[i:i + batch_size]
       n = len(chunk)
-      if n < batch_size and len(images) > batch_size:  # Pad: one compiled shape.
+      if n < batch_size:  # Pad: one compiled shape whatever the number of images.
         chunk = np.concatenate([chunk, np.zeros((batch_size - n,) + chunk.shape[1:], chunk.dtype)])
       lo, fe = self._forward(self.variables, chunk)
       logits.append(np.asarray(lo)[:n])
@@ -170,32 +200,96 @@ class Classifier:
     return np.asarray(features, np.float32) @ np.asarray(head["kernel"]) + np.asarray(head["bias"])
 
 
-def _batch_indices(rng, num_real, num_extra, batch_size, extra_fraction):
-  n_extra = int(round(batch_size * extra_fraction)) if num_extra else 0
-  real = rng.integers(0, num_real, batch_size - n_extra)
-  extra = num_real + rng.integers(0, num_extra, n_extra) if n_extra else real[:0]
-  return np.concatenate([real, extra])
+class _Batches:
+  """Row indices of minibatches: real rows uniformly (or class-balanced: a uniform class, then a
+  uniform image of it), then round(batch_size * extra_fraction) rows of the extra source."""
+
+  def __init__(self, seed, real_labels, num_extra, batch_size, extra_fraction, balanced):
+    self.rng = np.random.default_rng(seed)
+    self.num_real, self.num_extra = len(real_labels), num_extra
+    self.n_extra = int(round(batch_size * extra_fraction)) if num_extra else 0
+    self.n_real = batch_size - self.n_extra
+    self.members = [np.flatnonzero(real_labels == c) for c in np.unique(real_labels)] \
+        if balanced else None
+
+  def __call__(self):
+    if self.members is None:
+      real = self.rng.integers(0, self.num_real, self.n_real)
+    else:
+      classes = self.rng.integers(0, len(self.members), self.n_real)
+      real = np.array([self.members[c][self.rng.integers(len(self.members[c]))] for c in classes],
+                      np.int64)
+    if not self.n_extra:
+      return real
+    return np.concatenate([real, self.num_real + self.rng.integers(0, self.num_extra,
+                                                                   self.n_extra)])
 
 
-def train(model: DenseNet, images, labels, *, steps: int, batch_size: int = 64,
+def _shift(x, key, pixels):
+  """Each image translated by up to `pixels` in x and y (edge pixels repeated)."""
+  h, w = x.shape[1:3]
+  offsets = jax.random.randint(key, (x.shape[0], 2), 0, 2 * pixels + 1)
+  padded = jnp.pad(x, ((0, 0), (pixels, pixels), (pixels, pixels), (0, 0)), mode="edge")
+  crop = lambda image, o: jax.lax.dynamic_slice(image, (o[0], o[1], 0), (h, w, x.shape[3]))
+  return jax.vmap(crop)(padded, offsets)
+
+
+@functools.lru_cache(maxsize=8)
+def _step_fn(model, learning_rate, cosine_steps, weight_decay, loss_fn, flip, shift):
+  """(jitted init, jitted train step, optimizer): cached, so classifiers of one kind compile
+  once (batches are gathered on the host, so the data set's size is not part of the compiled
+  shape; a jitted init is one compilation instead of one per eager op)."""
+  rate = optax.cosine_decay_schedule(learning_rate, cosine_steps) if cosine_steps else \
+      learning_rate
+  tx = optax.adamw(rate, weight_decay=weight_decay) if weight_decay else optax.adam(rate)
+
+  @jax.jit
+  def step_fn(params, batch_stats, opt_state, x, y, step, flip_key):
+    key = jax.random.fold_in(flip_key, step)
+    if flip:
+      mirror = jax.random.bernoulli(key, 0.5, (x.shape[0],))
+      x = jnp.where(mirror[:, None, None, None], x[:, :, ::-1], x)
+    if shift:
+      x = _shift(x, jax.random.fold_in(key, 1), shift)
+
+    def loss(p):
+      logits, updates = model.apply({"params": p, "batch_stats": batch_stats}, x, train=True,
+                                    mutable=["batch_stats"])
+      return loss_fn(logits, y, jnp.ones(y.shape, jnp.float32), step), updates
+
+    (value, updates), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    grads_, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, grads_), updates["batch_stats"], opt_state, value
+  return jax.jit(lambda k, x: model.init(k, x, train=False)), step_fn, tx
+
+
+def train(model, images, labels, *, steps: int, batch_size: int = 64,
           learning_rate: float = 1e-3, seed: int = 0,
           loss_fn: Callable = cross_entropy, extra=None, extra_fraction: float = 0.5,
-          flip: bool = True, log_every: int = 0, writer=None, prefix: str = "classifier"
+          flip: bool = True, shift: int = 0, balanced: bool = False, cosine: bool = False,
+          weight_decay: float = 0.0, validation=None, validate_every: int = 0,
+          patience: int = 0, log_every: int = 0, writer=None, prefix: str = "classifier"
           ) -> Classifier:
-  """Trains `model` with Adam on numpy arrays; deterministic given `seed`.
+  """Trains `model` (DenseNet or CNN) with Adam on numpy arrays; deterministic given `seed`.
 
   images: [N, H, W, C] float in [-1, 1] (or uint8); labels: int [N].
   loss_fn: `(logits, labels, weights, step) -> scalar` (cross-entropy by default; any loss of
-    grasp_jax.features.losses).
+    grasp_jax.feature_ddpm.losses).
   extra: an optional second source `(images, labels)` (e.g. GRASP-generated images); every
     minibatch then holds round(batch_size * extra_fraction) of its samples.
-  flip: random horizontal flips (per sample, from the seed).
+  flip, shift: random horizontal flips; random translations by up to `shift` pixels.
+  balanced: draw the (real) rows class-balanced instead of uniformly.
+  cosine: cosine decay of the learning rate to 0 over `steps`; weight_decay: AdamW's.
+  validation: `(images, labels)`: every `validate_every` steps the macro-F1 on them is measured
+    and the best variables are returned (early stopping); training stops after `patience`
+    measurements without improvement (0: runs all steps).
   writer: a CLU metric writer for the training loss every `log_every` steps (`prefix/loss`).
   """
   images = to_model_input(images)
   labels = np.asarray(labels, np.int32)
   if len(images) != len(labels) or not len(images):
     raise ValueError(f"{len(images)} images and {len(labels)} labels: need equal, nonzero counts")
+  real_labels = labels
   num_extra = 0
   if extra is not None:
     extra_images, extra_labels = to_model_input(extra[0]), np.asarray(extra[1], np.int32)
@@ -212,43 +306,46 @@ def train(model: DenseNet, images, labels, *, steps: int, batch_size: int = 64,
   if labels.min() < 0 or labels.max() >= model.num_classes:
     raise ValueError(f"labels must lie in [0, {model.num_classes}), got "
                      f"[{labels.min()}, {labels.max()}]")
+  if validation is not None and validate_every < 1:
+    raise ValueError("validation needs validate_every >= 1")
 
   key = jax.random.PRNGKey(seed)
   init_key, flip_key = jax.random.split(key)
-  variables = nn.unbox(model.init(init_key, jnp.asarray(images[:1]), train=False))
+  init_fn, step_fn, tx = _step_fn(model, learning_rate, steps if cosine else 0, weight_decay,
+                                  loss_fn, flip, shift)
+  variables = nn.unbox(init_fn(init_key, jnp.asarray(images[:1])))
   params, batch_stats = variables["params"], variables["batch_stats"]
-  tx = optax.adam(learning_rate)
   opt_state = tx.init(params)
-  images_dev, labels_dev = jnp.asarray(images), jnp.asarray(labels)
 
-  @jax.jit
-  def step_fn(params, batch_stats, opt_state, idx, step):
-    x, y = images_dev[idx], labels_dev[idx]
-    if flip:
-      mirror = jax.random.bernoulli(jax.random.fold_in(flip_key, step), 0.5, (x.shape[0],))
-      x = jnp.where(mirror[:, None, None, None], x[:, :, ::-1], x)
-
-    def loss(p):
-      logits, updates = model.apply({"params": p, "batch_stats": batch_stats}, x, train=True,
-                                    mutable=["batch_stats"])
-      return loss_fn(logits, y, jnp.ones(y.shape, jnp.float32), step), updates
-
-    (value, updates), grads = jax.value_and_grad(loss, has_aux=True)(params)
-    grads_, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, grads_), updates["batch_stats"], opt_state, value
-
-  rng = np.random.default_rng(seed)
-  num_real = len(images) - num_extra
+  batches = _Batches(seed, real_labels, num_extra, batch_size, extra_fraction, balanced)
+  history = {"steps": steps, "val_macro_f1": []}
+  best, waited = None, 0  # best: (macro-F1, step, variables)
   for step in range(steps):
-    idx = _batch_indices(rng, num_real, num_extra, batch_size, extra_fraction)
-    params, batch_stats, opt_state, value = step_fn(params, batch_stats, opt_state,
-                                                    jnp.asarray(idx), step)
+    idx = batches()
+    params, batch_stats, opt_state, value = step_fn(params, batch_stats, opt_state, images[idx],
+                                                    labels[idx], step, flip_key)
     if log_every and (step + 1) % log_every == 0:
       value = float(value)
       logging.info("%s step %d/%d loss %.4f", prefix, step + 1, steps, value)
       if writer is not None:
         writer.write_scalars(step + 1, {f"{prefix}/loss": value})
-  return Classifier(model, {"params": params, "batch_stats": batch_stats})
+    if validation is not None and ((step + 1) % validate_every == 0 or step + 1 == steps):
+      current = {"params": params, "batch_stats": batch_stats}
+      preds = Classifier(model, current).predict(validation[0])
+      f1 = float(np.mean(per_class_f1(validation[1], preds, model.num_classes)[
+          np.unique(validation[1])]))
+      history["val_macro_f1"].append([step + 1, f1])
+      if best is None or f1 > best[0]:
+        best, waited = (f1, step + 1, current), 0
+      else:
+        waited += 1
+        if patience and waited >= patience:
+          break
+  history["steps_run"] = step + 1 if steps else 0
+  variables = {"params": params, "batch_stats": batch_stats}
+  if best is not None:
+    history["best_val_macro_f1"], history["best_step"], variables = best
+  return Classifier(model, variables, history)
 
 
 def per_class_f1(labels, preds, num_classes) -> np.ndarray:

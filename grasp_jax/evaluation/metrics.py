@@ -6,6 +6,9 @@
 * `vendi_score`: exp(entropy of the eigenvalues of K / n), cosine-similarity kernel.
 * `ms_ssim`, `mean_pairwise_ms_ssim`: `tf.image.ssim_multiscale` semantics in JAX; the pairwise
   mean among samples of one class is the usual intra-class diversity measure (lower = diverse).
+* `irs`: Image Retrieval Score, the ML estimate of how many training images the samples draw
+  from (occupancy likelihood of their distinct nearest training images), / N.
+* `memorization_rate`: share of samples closer to the training set than most held-out images.
 * `by_group`: any of the above per class, per group of classes (head/medium/tail) and overall.
 
 Feature metrics run in float64 numpy. Every number must be reported with its N (see `by_group`).
@@ -16,6 +19,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.special
 
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 
@@ -151,6 +155,78 @@ def prdc(real, fake, k=5):
       "density": float(in_real_ball.sum(axis=0).mean() / k),
       "coverage": float((d.min(axis=1) < real_radii).mean()),
   }
+
+
+# ---------------------------------------------------------------------------------------------
+# Retrieval against the training set: IRS and memorisation rate.
+
+
+def nearest_neighbours(reference, query, batch_size=None):
+  """(index [n], Euclidean distance [n]) of each query row's nearest reference row; query rows
+  go in batches so the distance block stays ~32 MB whatever the reference size."""
+  reference, query = _features(reference, "reference"), _features(query, "query")
+  if reference.shape[1] != query.shape[1]:
+    raise ValueError(f"reference {reference.shape} and query {query.shape} differ in D")
+  batch_size = batch_size or max(1, 2**22 // len(reference))
+  index = np.empty(len(query), np.int64)
+  distance = np.empty(len(query))
+  for start in range(0, len(query), batch_size):
+    d = _distances(query[start:start + batch_size], reference)
+    rows = slice(start, start + len(d))
+    index[rows] = d.argmin(axis=1)
+    distance[rows] = d[np.arange(len(d)), index[rows]]
+  return index, distance
+
+
+def occupancy_mle(k, n, n_max, level=0.95):
+  """(s_hat, lo, hi): ML number s in [k, n_max] of equally likely items behind n uniform draws
+  that hit k distinct ones, and the likelihood-ratio interval {s: 2 (L(s_hat) - L(s)) <= chi2_1}.
+
+  L(s) = log P(k | s, n) = log S(n, k) + log s! - log (s - k)! - n log s (occupancy
+  distribution, S the Stirling number of the second kind, constant in s and dropped), exact via
+  gammaln for every s at once: O(n_max). L is unimodal in s. With no collision (k == n) L keeps
+  increasing (flat for n == 1): the MLE is unbounded above and s_hat = n_max.
+  """
+  if not 1 <= k <= min(n, n_max):
+    raise ValueError(f"occupancy_mle needs 1 <= k <= min(n, n_max), got k={k} n={n} "
+                     f"n_max={n_max}")
+  s = np.arange(k, n_max + 1, dtype=np.float64)
+  log_lik = scipy.special.gammaln(s + 1) - scipy.special.gammaln(s - k + 1) - n * np.log(s)
+  best = len(s) - 1 if k == n else int(np.argmax(log_lik))
+  chi2_1 = scipy.special.ndtri(0.5 + level / 2)**2  # chi2(1) quantile: a squared normal's.
+  inside = np.flatnonzero(2.0 * (log_lik[best] - log_lik) <= chi2_1)
+  return k + best, k + int(inside[0]), k + int(inside[-1])
+
+
+def irs(train_features, sample_features, level=0.95):
+  """Image Retrieval Score: s_hat / N, s_hat the ML number of distinct training images the
+  generator draws from (`occupancy_mle` of k distinct nearest training images among the n
+  samples), N = n_train. Exact in logs, where the reference code (MischaD/IRS) approximates
+  S(n, k). No collision (k == n) gives s_hat = N: the samples cannot bound it.
+
+  Returns "irs", its likelihood-ratio interval "irs_lo"/"irs_hi" (the samples are fixed here, so
+  this is the interval to use; bootstrapping samples invents collisions), "s_hat", "k", "n",
+  "n_train" and "retrieved" = k / N.
+  """
+  train = _features(train_features, "train_features")
+  samples = _features(sample_features, "sample_features")
+  index, _ = nearest_neighbours(train, samples)
+  k, n, n_train = len(np.unique(index)), len(samples), len(train)
+  s_hat, lo, hi = occupancy_mle(k, n, n_train, level)
+  return {"irs": s_hat / n_train, "irs_lo": lo / n_train, "irs_hi": hi / n_train, "s_hat": s_hat,
+          "k": k, "n": n, "n_train": n_train, "retrieved": k / n_train}
+
+
+def memorization_rate(train_features, test_features, sample_features, percentile=5.0):
+  """Share of samples whose nearest-training-image distance is below the `percentile`-th
+  percentile of the held-out test images' ones (so ~percentile / 100 for a generator that does
+  not copy, ~1 for one that does). `test_features` must not overlap the training set."""
+  train = _features(train_features, "train_features")
+  test = _features(test_features, "test_features")
+  samples = _features(sample_features, "sample_features")
+  threshold = float(np.percentile(nearest_neighbours(train, test)[1], percentile))
+  rate = float((nearest_neighbours(train, samples)[1] < threshold).mean())
+  return {"rate": rate, "threshold": threshold, "n": len(samples), "n_test": len(test)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,9 +28,10 @@ _DIFFUSERS = {
     "AutoencoderKL": "grasp_jax.models.vae",
 }
 _TRANSFORMERS = {
-    "CLIPTextModel": "grasp_jax.models.text",
-    "CLIPTextModelWithProjection": "grasp_jax.models.text",
-    "BertModel": "grasp_jax.models.text",
+    "CLIPTextModel": "grasp_jax.models.text.clip",
+    "CLIPTextModelWithProjection": "grasp_jax.models.text.clip",
+    "BertModel": "grasp_jax.models.text.bert",
+    "T5EncoderModel": "grasp_jax.models.text.t5",
 }
 
 

@@ -20,7 +20,6 @@ checkpoint. The 2-D sincos table (`pos_embed.pos_embed`, a fixed buffer) is reco
 Supported: SD3 (qk_norm None) and SD3.5 (qk_norm 'rms_norm', `dual_attention_layers`), plus
 qk_norm 'layer_norm'.
 """
-import math
 
 import flax.linen as nn
 import jax
@@ -29,18 +28,10 @@ import numpy as np
 
 from grasp_jax.models import adapters
 from grasp_jax.models import attention
-from grasp_jax.models import unet  # TimestepEmbedding (linear_1, SiLU, linear_2) is shared.
+from grasp_jax.models import blocks
 
 QK_NORMS = (None, "rms_norm", "layer_norm")
 _EPS = 1e-6  # Every norm of the SD3 transformer uses this epsilon.
-
-
-def timestep_embedding(t, dim=256):
-  """diffusers `Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=0)`: [B] -> [B, dim]."""
-  half = dim // 2
-  freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
-  args = t.astype(jnp.float32)[:, None] * freqs[None]
-  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
 def pos_embed_table(dim, height, width, base_size, max_size=None):
@@ -111,9 +102,9 @@ class CombinedTimestepTextProjEmbeddings(nn.Module):
 
   @nn.compact
   def __call__(self, timestep, pooled):
-    t = unet.TimestepEmbedding(self.features, self.dtype, name="timestep_embedder")(
-        timestep_embedding(timestep).astype(self.dtype))
-    return t + unet.TimestepEmbedding(self.features, self.dtype, name="text_embedder")(pooled)
+    t = blocks.TimestepEmbedding(self.features, self.dtype, name="timestep_embedder")(
+        blocks.timestep_embedding(timestep, 256, True, 0).astype(self.dtype))
+    return t + blocks.TimestepEmbedding(self.features, self.dtype, name="text_embedder")(pooled)
 
 
 class AdaModulation(nn.Module):

@@ -21,126 +21,14 @@ raise a ValueError naming the field), load weights with `convert.load_diffusers(
 `tiny_config()` is the small text-conditioned UNet of the CPU demo.
 """
 import dataclasses
-import math
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
-import numpy as np
 
 from grasp_jax.models import adapters
 from grasp_jax.models import attention
-
-CONV_AXES = (None, None, "conv_in", "conv_out")
-
-
-def conv2d(features, kernel_size, *, stride=1, padding=None, dtype=None, name=None):
-  """nn.Conv with torch's zero padding ((k-1)//2 per side unless given) and logical axis names."""
-  pad = (kernel_size - 1) // 2 if padding is None else padding
-  if isinstance(pad, int):
-    pad = ((pad, pad), (pad, pad))
-  return nn.Conv(features, (kernel_size, kernel_size), strides=stride, padding=pad, dtype=dtype,
-                 kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
-                                                         CONV_AXES),
-                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
-                 name=name)
-
-
-def group_norm(groups, eps, dtype, name):
-  """nn.GroupNorm over NHWC with exact (two-pass) variance, as torch computes it."""
-  return nn.GroupNorm(num_groups=groups, epsilon=eps, use_fast_variance=False, dtype=dtype,
-                      name=name,
-                      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
-
-
-def timestep_embedding(timesteps, dim, flip_sin_to_cos, freq_shift, max_period=10000):
-  """diffusers `get_timestep_embedding`: [N] -> [N, dim] float32 sinusoids."""
-  half = dim // 2
-  # Frequencies in float32 arithmetic, as torch computes them (they multiply t up to ~1000).
-  exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32)
-  freqs = np.exp(exponent / np.float32(half - freq_shift))
-  args = jnp.asarray(timesteps, jnp.float32)[:, None] * freqs[None, :]
-  sin, cos = jnp.sin(args), jnp.cos(args)
-  emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
-  return jnp.pad(emb, ((0, 0), (0, dim % 2)))
-
-
-def resize_nearest(x, size):
-  """torch `F.interpolate(mode='nearest', size=size)` on NHWC: source index floor(i * in / out)."""
-  for axis, n_out in zip((1, 2), size):
-    n_in = x.shape[axis]
-    if n_out == 2 * n_in:
-      x = jnp.repeat(x, 2, axis=axis)
-    elif n_out != n_in:
-      scale = np.float32(n_in) / np.float32(n_out)
-      index = np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int32)
-      x = jnp.take(x, np.minimum(index, n_in - 1), axis=axis)
-  return x
-
-
-class TimestepEmbedding(nn.Module):
-  """diffusers TimestepEmbedding (linear_1, SiLU, linear_2)."""
-  features: int
-  dtype: Any = None
-
-  @nn.compact
-  def __call__(self, x):
-    x = adapters.Dense(self.features, kernel_axes=(None, "mlp"), dtype=self.dtype,
-                       name="linear_1")(x)
-    return adapters.Dense(self.features, kernel_axes=("mlp", "embed"), dtype=self.dtype,
-                          name="linear_2")(nn.silu(x))
-
-
-class ResnetBlock2D(nn.Module):
-  """diffusers ResnetBlock2D: norm1, conv1, time_emb_proj, norm2, conv2 (+ conv_shortcut)."""
-  out_channels: int
-  groups: int
-  eps: float
-  time_scale_shift: str = "default"  # or "scale_shift"
-  output_scale_factor: float = 1.0
-  dtype: Any = None
-
-  @nn.compact
-  def __call__(self, x, temb):
-    h = nn.silu(group_norm(self.groups, self.eps, self.dtype, "norm1")(x))
-    h = conv2d(self.out_channels, 3, dtype=self.dtype, name="conv1")(h)
-    scale_shift = self.time_scale_shift == "scale_shift"
-    t = adapters.Dense(self.out_channels * (2 if scale_shift else 1),
-                       kernel_axes=(None, "conv_out"), dtype=self.dtype,
-                       name="time_emb_proj")(nn.silu(temb))[:, None, None, :]
-    norm2 = group_norm(self.groups, self.eps, self.dtype, "norm2")
-    if scale_shift:
-      scale, shift = jnp.split(t, 2, axis=-1)
-      h = norm2(h) * (1 + scale) + shift
-    else:
-      h = norm2(h + t)
-    h = conv2d(self.out_channels, 3, dtype=self.dtype, name="conv2")(nn.silu(h))
-    if x.shape[-1] != self.out_channels:
-      x = conv2d(self.out_channels, 1, dtype=self.dtype, name="conv_shortcut")(x)
-    return (x + h) / self.output_scale_factor
-
-
-class Downsample2D(nn.Module):
-  """diffusers Downsample2D with a conv: 3x3, stride 2; padding 0 means torch's (0, 1, 0, 1) pad."""
-  padding: int = 1
-  dtype: Any = None
-
-  @nn.compact
-  def __call__(self, x):
-    p = self.padding
-    pad = ((p, p), (p, p)) if p else ((0, 1), (0, 1))
-    return conv2d(x.shape[-1], 3, stride=2, padding=pad, dtype=self.dtype, name="conv")(x)
-
-
-class Upsample2D(nn.Module):
-  """diffusers Upsample2D: nearest resize to `size` (the skip's size, usually 2x), then 3x3 conv."""
-  dtype: Any = None
-
-  @nn.compact
-  def __call__(self, x, size):
-    return conv2d(x.shape[-1], 3, dtype=self.dtype, name="conv")(resize_nearest(x, size))
-
+from grasp_jax.models import blocks
 
 class Transformer2DModel(nn.Module):
   """diffusers Transformer2DModel on NHWC input: norm, proj_in, transformer_blocks, proj_out.
@@ -161,12 +49,12 @@ class Transformer2DModel(nn.Module):
     b, height, width, c = x.shape
     dim_head = c // self.heads
     inner = self.heads * dim_head
-    h = group_norm(self.groups, 1e-6, self.dtype, "norm")(x)
+    h = blocks.group_norm(self.groups, 1e-6, self.dtype, "norm")(x)
     if self.use_linear_projection:
       h = adapters.Dense(inner, kernel_axes=(None, "embed"), dtype=self.dtype,
                          name="proj_in")(h.reshape(b, height * width, c))
     else:
-      h = conv2d(inner, 1, dtype=self.dtype, name="proj_in")(h).reshape(b, height * width, inner)
+      h = blocks.conv2d(inner, 1, dtype=self.dtype, name="proj_in")(h).reshape(b, height * width, inner)
     block = _RematTransformerBlock if self.remat else attention.BasicTransformerBlock
     for i in range(self.num_layers):
       h = block(self.heads, dim_head, upcast=self.upcast, adapter=self.adapter, dtype=self.dtype,
@@ -175,12 +63,12 @@ class Transformer2DModel(nn.Module):
       h = adapters.Dense(c, kernel_axes=("embed", None), dtype=self.dtype,
                          name="proj_out")(h).reshape(b, height, width, c)
     else:
-      h = conv2d(c, 1, dtype=self.dtype, name="proj_out")(h.reshape(b, height, width, inner))
+      h = blocks.conv2d(c, 1, dtype=self.dtype, name="proj_out")(h.reshape(b, height, width, inner))
     return h + x
 
 
 _RematTransformerBlock = nn.remat(attention.BasicTransformerBlock)
-_RematResnet = nn.remat(ResnetBlock2D)
+_RematResnet = nn.remat(blocks.ResnetBlock2D)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,7 +84,7 @@ class _Shared:
   remat: bool
 
   def resnet(self, out_channels, name, output_scale_factor=1.0):
-    cls = _RematResnet if self.remat else ResnetBlock2D
+    cls = _RematResnet if self.remat else blocks.ResnetBlock2D
     return cls(out_channels, self.groups, self.eps, self.time_scale_shift, output_scale_factor,
                self.dtype, name=name)
 
@@ -226,7 +114,7 @@ class DownBlock2D(nn.Module):
                                     f"attentions_{i}")(x, context, cluster_ids)
       outputs.append(x)
     if self.add_downsample:
-      x = Downsample2D(self.downsample_padding, self.shared.dtype, name="downsamplers_0")(x)
+      x = blocks.Downsample2D(self.downsample_padding, self.shared.dtype, name="downsamplers_0")(x)
       outputs.append(x)
     return x, outputs
 
@@ -249,7 +137,7 @@ class UpBlock2D(nn.Module):
         x = self.shared.transformer(self.heads, self.transformer_layers[i],
                                     f"attentions_{i}")(x, context, cluster_ids)
     if self.add_upsample:
-      x = Upsample2D(self.shared.dtype, name="upsamplers_0")(x, upsample_size)
+      x = blocks.Upsample2D(self.shared.dtype, name="upsamplers_0")(x, upsample_size)
     return x
 
 
@@ -315,15 +203,15 @@ class UNet2DConditionModel(nn.Module):
     if self.center_input_sample:
       sample = 2 * sample - 1.0
     t = jnp.broadcast_to(jnp.ravel(jnp.asarray(timesteps)), (b,))
-    t_emb = timestep_embedding(t, self.block_out_channels[0], self.flip_sin_to_cos, self.freq_shift)
-    emb = TimestepEmbedding(self.time_embed_dim, self.dtype, name="time_embedding")(t_emb)
+    t_emb = blocks.timestep_embedding(t, self.block_out_channels[0], self.flip_sin_to_cos, self.freq_shift)
+    emb = blocks.TimestepEmbedding(self.time_embed_dim, self.dtype, name="time_embedding")(t_emb)
     if self.addition_embed_type == "text_time":
       emb = emb + self._text_time_embedding(added_cond_kwargs, b)
 
     shared = _Shared(self.norm_num_groups, self.norm_eps, self.resnet_time_scale_shift,
                      self.use_linear_projection, self.upcast_attention, self.adapter, self.dtype,
                      self.remat)
-    h = conv2d(self.block_out_channels[0], self.conv_in_kernel, dtype=self.dtype,
+    h = blocks.conv2d(self.block_out_channels[0], self.conv_in_kernel, dtype=self.dtype,
                name="conv_in")(sample)
     skips = [h]
     n = len(self.block_out_channels)
@@ -348,8 +236,8 @@ class UNet2DConditionModel(nn.Module):
                         h, block_skips, emb, encoder_hidden_states, cluster_ids,
                         None if final else skips[-1].shape[1:3])
 
-    h = nn.silu(group_norm(self.norm_num_groups, self.norm_eps, self.dtype, "conv_norm_out")(h))
-    return conv2d(self.out_channels, self.conv_out_kernel, dtype=self.dtype, name="conv_out")(h)
+    h = nn.silu(blocks.group_norm(self.norm_num_groups, self.norm_eps, self.dtype, "conv_norm_out")(h))
+    return blocks.conv2d(self.out_channels, self.conv_out_kernel, dtype=self.dtype, name="conv_out")(h)
 
   def _check_inputs(self, sample, encoder_hidden_states):
     if sample.ndim != 4 or sample.shape[-1] != self.in_channels:
@@ -367,14 +255,14 @@ class UNet2DConditionModel(nn.Module):
       raise ValueError(f"addition_embed_type 'text_time' needs added_cond_kwargs {missing}")
     text_embeds = jnp.asarray(added_cond_kwargs["text_embeds"], jnp.float32)
     time_ids = jnp.asarray(added_cond_kwargs["time_ids"])
-    time_embeds = timestep_embedding(time_ids.reshape(-1), self.addition_time_embed_dim,
+    time_embeds = blocks.timestep_embedding(time_ids.reshape(-1), self.addition_time_embed_dim,
                                      self.flip_sin_to_cos, self.freq_shift).reshape(b, -1)
     add = jnp.concatenate([text_embeds, time_embeds], axis=-1)
     if add.shape[-1] != self.projection_class_embeddings_input_dim:
       raise ValueError(f"text_embeds {text_embeds.shape} + embedded time_ids {time_ids.shape} give "
                        f"{add.shape[-1]} features, projection_class_embeddings_input_dim is "
                        f"{self.projection_class_embeddings_input_dim}")
-    return TimestepEmbedding(self.time_embed_dim, self.dtype, name="add_embedding")(add)
+    return blocks.TimestepEmbedding(self.time_embed_dim, self.dtype, name="add_embedding")(add)
 
 
 # diffusers UNet2DConditionModel.__init__ defaults (diffusers 0.39), for fields a config.json omits.

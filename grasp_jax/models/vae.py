@@ -21,9 +21,8 @@ import jax.numpy as jnp
 
 from grasp_jax.models import adapters
 from grasp_jax.models import attention
+from grasp_jax.models import blocks
 
-_ACTIVATIONS = {"silu": nn.silu, "swish": nn.silu, "mish": lambda x: x * jnp.tanh(nn.softplus(x)),
-                "gelu": lambda x: nn.gelu(x, approximate=False), "relu": nn.relu}
 
 
 @flax.struct.dataclass
@@ -51,44 +50,6 @@ class DiagonalGaussian:
     return 0.5 * jnp.sum(self.mean**2 + self.var - 1.0 - self.logvar, axis=(1, 2, 3))
 
 
-def _conv(features, kernel, name, stride=1, padding=None, dtype=None):
-  """nn.Conv with logical axes; default padding is torch's symmetric `kernel // 2`."""
-  if padding is None:
-    padding = ((kernel // 2, kernel // 2),) * 2
-  return nn.Conv(
-      features, (kernel, kernel), strides=stride, padding=padding, dtype=dtype, name=name,
-      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
-                                               (None, None, "conv_in", "conv_out")),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)))
-
-
-def _group_norm(groups, name, dtype=None):
-  # Two-pass variance: VAE activations are large enough for E[x^2]-E[x]^2 to lose precision.
-  return nn.GroupNorm(
-      num_groups=groups, epsilon=1e-6, use_fast_variance=False, dtype=dtype, name=name,
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
-
-
-class ResnetBlock(nn.Module):
-  """diffusers ResnetBlock2D without a time embedding."""
-  out_channels: int
-  groups: int
-  act_fn: str = "silu"
-  dtype: jnp.dtype | None = None
-
-  @nn.compact
-  def __call__(self, x):
-    act = _ACTIVATIONS[self.act_fn]
-    h = act(_group_norm(self.groups, "norm1", self.dtype)(x))
-    h = _conv(self.out_channels, 3, "conv1", dtype=self.dtype)(h)
-    h = act(_group_norm(self.groups, "norm2", self.dtype)(h))
-    h = _conv(self.out_channels, 3, "conv2", dtype=self.dtype)(h)
-    if x.shape[-1] != self.out_channels:
-      x = _conv(self.out_channels, 1, "conv_shortcut", dtype=self.dtype)(x)
-    return x + h
-
-
 class SpatialSelfAttention(nn.Module):
   """The VAE mid-block attention: group norm, single-head attention over pixels, residual."""
   groups: int
@@ -98,7 +59,7 @@ class SpatialSelfAttention(nn.Module):
   @nn.compact
   def __call__(self, x):
     b, h, w, c = x.shape
-    y = _group_norm(self.groups, "group_norm", self.dtype)(x).reshape(b, h * w, c)
+    y = blocks.group_norm(self.groups, 1e-6, self.dtype, "group_norm")(x).reshape(b, h * w, c)
     dense = lambda axes, name: adapters.Dense(c, kernel_axes=axes, dtype=self.dtype, name=name)
     q, k, v = (dense(("embed", "heads"), n)(y) for n in ("to_q", "to_k", "to_v"))
     # diffusers builds this block with upcast_softmax=True.
@@ -117,22 +78,10 @@ class MidBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     c = x.shape[-1]
-    x = ResnetBlock(c, self.groups, self.act_fn, self.dtype, name="resnets_0")(x)
+    x = blocks.ResnetBlock2D(c, self.groups, 1e-6, dtype=self.dtype, act_fn=self.act_fn, name="resnets_0")(x)
     if self.add_attention:
       x = SpatialSelfAttention(self.groups, c, self.dtype, name="attentions_0")(x)
-    return ResnetBlock(c, self.groups, self.act_fn, self.dtype, name="resnets_1")(x)
-
-
-class _Resample(nn.Module):
-  """Holds the `conv` of diffusers' Downsample2D / Upsample2D."""
-  features: int
-  stride: int
-  padding: str | None
-  dtype: jnp.dtype | None = None
-
-  @nn.compact
-  def __call__(self, x):
-    return _conv(self.features, 3, "conv", self.stride, self.padding, self.dtype)(x)
+    return blocks.ResnetBlock2D(c, self.groups, 1e-6, dtype=self.dtype, act_fn=self.act_fn, name="resnets_1")(x)
 
 
 class DownEncoderBlock(nn.Module):
@@ -147,12 +96,11 @@ class DownEncoderBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     for j in range(self.num_layers):
-      x = ResnetBlock(self.out_channels, self.groups, self.act_fn, self.dtype,
+      x = blocks.ResnetBlock2D(self.out_channels, self.groups, 1e-6, dtype=self.dtype, act_fn=self.act_fn,
                       name=f"resnets_{j}")(x)
     if self.add_downsample:
-      # diffusers pads right/bottom by one, then a stride-2 VALID conv (downsample_padding=0).
-      x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-      x = _Resample(self.out_channels, 2, "VALID", self.dtype, name="downsamplers_0")(x)
+      # diffusers pads right/bottom by one, then a stride-2 conv (downsample_padding=0).
+      x = blocks.Downsample2D(0, self.dtype, name="downsamplers_0")(x)
     return x
 
 
@@ -168,11 +116,10 @@ class UpDecoderBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     for j in range(self.num_layers):
-      x = ResnetBlock(self.out_channels, self.groups, self.act_fn, self.dtype,
+      x = blocks.ResnetBlock2D(self.out_channels, self.groups, 1e-6, dtype=self.dtype, act_fn=self.act_fn,
                       name=f"resnets_{j}")(x)
     if self.add_upsample:
-      x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-      x = _Resample(self.out_channels, 1, None, self.dtype, name="upsamplers_0")(x)
+      x = blocks.Upsample2D(self.dtype, name="upsamplers_0")(x, (2 * x.shape[1], 2 * x.shape[2]))
     return x
 
 
@@ -188,14 +135,14 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    x = _conv(self.block_out_channels[0], 3, "conv_in", dtype=self.dtype)(x)
+    x = blocks.conv2d(self.block_out_channels[0], 3, dtype=self.dtype, name="conv_in")(x)
     last = len(self.block_out_channels) - 1
     for i, ch in enumerate(self.block_out_channels):
       x = DownEncoderBlock(ch, self.layers_per_block, i < last, self.groups, self.act_fn,
                            self.dtype, name=f"down_blocks_{i}")(x)
     x = MidBlock(self.groups, self.act_fn, self.add_attention, self.dtype, name="mid_block")(x)
-    x = _ACTIVATIONS[self.act_fn](_group_norm(self.groups, "conv_norm_out", self.dtype)(x))
-    return _conv(self.out_channels, 3, "conv_out", dtype=self.dtype)(x)
+    x = blocks.ACTIVATIONS[self.act_fn](blocks.group_norm(self.groups, 1e-6, self.dtype, "conv_norm_out")(x))
+    return blocks.conv2d(self.out_channels, 3, dtype=self.dtype, name="conv_out")(x)
 
 
 class Decoder(nn.Module):
@@ -210,14 +157,14 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, z):
-    x = _conv(self.block_out_channels[-1], 3, "conv_in", dtype=self.dtype)(z)
+    x = blocks.conv2d(self.block_out_channels[-1], 3, dtype=self.dtype, name="conv_in")(z)
     x = MidBlock(self.groups, self.act_fn, self.add_attention, self.dtype, name="mid_block")(x)
     channels = tuple(reversed(self.block_out_channels))
     for i, ch in enumerate(channels):
       x = UpDecoderBlock(ch, self.layers_per_block + 1, i < len(channels) - 1, self.groups,
                          self.act_fn, self.dtype, name=f"up_blocks_{i}")(x)
-    x = _ACTIVATIONS[self.act_fn](_group_norm(self.groups, "conv_norm_out", self.dtype)(x))
-    return _conv(self.out_channels, 3, "conv_out", dtype=self.dtype)(x)
+    x = blocks.ACTIVATIONS[self.act_fn](blocks.group_norm(self.groups, 1e-6, self.dtype, "conv_norm_out")(x))
+    return blocks.conv2d(self.out_channels, 3, dtype=self.dtype, name="conv_out")(x)
 
 
 class AutoencoderKL(nn.Module):
@@ -243,9 +190,9 @@ class AutoencoderKL(nn.Module):
     self.encoder = Encoder(out_channels=2 * self.latent_channels, **common)
     self.decoder = Decoder(out_channels=self.out_channels, **common)
     if self.use_quant_conv:
-      self.quant_conv = _conv(2 * self.latent_channels, 1, None, dtype=self.dtype)
+      self.quant_conv = blocks.conv2d(2 * self.latent_channels, 1, dtype=self.dtype)
     if self.use_post_quant_conv:
-      self.post_quant_conv = _conv(self.latent_channels, 1, None, dtype=self.dtype)
+      self.post_quant_conv = blocks.conv2d(self.latent_channels, 1, dtype=self.dtype)
 
   def encode(self, x):
     """Images [B,H,W,C] -> the posterior over latents [B,H/f,W/f,latent_channels]."""
@@ -289,21 +236,21 @@ def from_config(config):
     bad = [t for t in config.get(field, ()) if t != allowed]
     if bad:
       raise ValueError(f"AutoencoderKL config: {field} {bad} not supported (only {allowed})")
-  blocks = tuple(config.get("block_out_channels", (64,)))
+  channels = tuple(config.get("block_out_channels", (64,)))
   for field in ("down_block_types", "up_block_types"):
-    if field in config and len(config[field]) != len(blocks):
+    if field in config and len(config[field]) != len(channels):
       raise ValueError(f"AutoencoderKL config: {field} has {len(config[field])} entries but "
-                       f"block_out_channels has {len(blocks)}")
+                       f"block_out_channels has {len(channels)}")
   act = config.get("act_fn", "silu")
-  if act not in _ACTIVATIONS:
-    raise ValueError(f"AutoencoderKL config: act_fn {act!r} not in {sorted(_ACTIVATIONS)}")
+  if act not in blocks.ACTIVATIONS:
+    raise ValueError(f"AutoencoderKL config: act_fn {act!r} not in {sorted(blocks.ACTIVATIONS)}")
   groups = config.get("norm_num_groups", 32)
-  if any(c % groups for c in blocks):
-    raise ValueError(f"AutoencoderKL config: block_out_channels {blocks} not divisible by "
+  if any(c % groups for c in channels):
+    raise ValueError(f"AutoencoderKL config: block_out_channels {channels} not divisible by "
                      f"norm_num_groups={groups}")
   return AutoencoderKL(
       in_channels=config.get("in_channels", 3), out_channels=config.get("out_channels", 3),
-      block_out_channels=blocks, layers_per_block=config.get("layers_per_block", 1),
+      block_out_channels=channels, layers_per_block=config.get("layers_per_block", 1),
       act_fn=act, latent_channels=config.get("latent_channels", 4), norm_num_groups=groups,
       scaling_factor=config.get("scaling_factor", 0.18215),
       shift_factor=config.get("shift_factor") or 0.0,

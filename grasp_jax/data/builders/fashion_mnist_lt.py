@@ -1,13 +1,13 @@
-"""fashion_mnist_lt: Fashion-MNIST subsampled to the class profile of NIH ChestX-ray14.
+"""fashion_mnist_lt: Fashion-MNIST subsampled to long-tailed class profiles, in two domains.
 
 The embedded default dataset. The images are clothes, not X-rays: only the *shape* of the long
 tail is medical. Source: the Fashion-MNIST IDX files of the Debian package
 `dataset-fashion-mnist` (MIT, Zalando SE), found via $FMNIST_DIR, `dpkg -L` or
 /usr/share/datasets/fashion-mnist.
 
-Profile: the NIH ChestX-ray14 images carrying exactly one label (Data_Entry_2017_v2020.csv,
-91,324 images) have these counts for the ten most frequent labels, each given to one
-Fashion-MNIST class (`nih_profile_class` in the metadata):
+Profile `nih` (configs `default`, `small`): the NIH ChestX-ray14 images carrying exactly one
+label (Data_Entry_2017_v2020.csv, 91,324 images) have these counts for the ten most frequent
+labels, each given to one Fashion-MNIST class (`nih_profile_class` in the metadata):
 
   Fashion-MNIST class   NIH class            NIH count   train images (head_count 6000)
   T-shirt/top           No Finding              60361    6000
@@ -30,6 +30,28 @@ train count = max(1, floor(head_count * nih_count / 60361)), drawn without repla
          classes and none of T-shirt/top; `small` has a balanced val.
   test   the official t10k images (balanced, 1,000 per class), or `test_per_class` of them
 The config `small` (head_count 600, 10 val and 50 test per class) builds in a few seconds.
+
+Source and target (GRASP's setting: a base pretrained on a broad source is adapted to a new,
+long-tailed domain). Every class's 6,000 train images are split in two halves of 3,000 by
+default_rng((seed, 1)); `source` draws only from one half, `target_*` only from the other, so
+no image is in both.
+  source      balanced: 2,900 train and 100 val images per class, original appearance, prompts
+              "a photo of a trouser"; test: the t10k images.
+  target_p0   long-tailed (profile `exponential`): the class of rank r (0 = most frequent) has
+  target_p1   round(1000 * (8 / 1000) ** (r / 9)) train images: 1000 585 342 200 117 68 40 23
+              14 8 (2,397 images); rank -> class by default_rng(permutation).permutation(10)
+              (permutation 0 and 1), so the tail is not always the same (easy) classes. Every
+              image in the radiograph domain (grasp_jax.data.domains.radiograph: inversion,
+              blur, tone range, vignette, grain seeded by the image's file and index), prompts
+              "an x-ray scan of a trouser". val: 100 per class of the half's unused images; test:
+              the t10k images (balanced, 1,000 per class) in the radiograph domain.
+  source_small, target_small   the same with 100 images per class (source) and 100 ... 5
+              (target, permutation 0), 10 val and 20 test images per class: for tests.
+Metadata: `train_counts` and `val_counts` per class, `count_order` (classes head -> tail),
+`permutation`, `half`, `appearance` and, for radiographs, `transform` (the parameters).
+Picture of both domains: docs/domains.png, written by `domains_figure` (python -c "import
+PIL.Image; from grasp_jax.data.builders import fashion_mnist_lt as f;
+PIL.Image.fromarray(f.domains_figure()).save('docs/domains.png', optimize=True)").
 """
 import dataclasses
 import gzip
@@ -37,10 +59,14 @@ import os
 import subprocess
 
 import numpy as np
+import PIL.Image
+import PIL.ImageDraw
 import tensorflow_datasets as tfds
 
+from grasp_jax.data import domains
+from grasp_jax.data import prompts
 from grasp_jax.data.builders import base
-from grasp_jax.data.builders import features
+from grasp_jax.data.builders import specs
 
 CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                "Sneaker", "Bag", "Ankle boot")
@@ -52,12 +78,70 @@ DEBIAN_PACKAGE = "dataset-fashion-mnist"
 DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 _FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
           "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+_SOURCE_CODE = {"train": 0, "t10k": 1}  # Seeds each image's radiograph grain with its file.
+PROFILES = ("nih", "balanced", "exponential")
+RADIOGRAPH = domains.Radiograph()  # The target domain's appearance (in the metadata too).
+
+
+def xray_prompt(class_name: str) -> str:
+  name = prompts.human_name(class_name)
+  article = "an" if name[:1] in "aeiou" else "a"
+  return f"an x-ray scan of {article} {name}"
+
+
+PROMPTS = {"photo": prompts.photo_prompt, "radiograph": xray_prompt}
 
 
 def profile_counts(head_count: int) -> list[int]:
   """Train images per class: the NIH profile scaled so the head class keeps `head_count`."""
   top = max(n for _, n in NIH_PROFILE)
   return [max(1, head_count * n // top) for _, n in NIH_PROFILE]
+
+
+def exponential_counts(head_count: int, tail_count: int, n: int) -> list[int]:
+  """Counts by rank r = 0..n-1: round(head * (tail / head) ** (r / (n - 1)))."""
+  return [round(head_count * (tail_count / head_count) ** (r / (n - 1))) for r in range(n)]
+
+
+def count_order(permutation: int | None, n: int = len(CLASS_NAMES)) -> np.ndarray:
+  """The classes by count rank (most frequent first): class order, or a seeded permutation."""
+  if permutation is None:
+    return np.arange(n)
+  return np.random.default_rng(permutation).permutation(n)
+
+
+def train_counts(cfg) -> list[int]:
+  """Train images per class (class index order) of a FashionMnistLtConfig."""
+  n = len(CLASS_NAMES)
+  if cfg.profile == "nih":
+    by_rank = profile_counts(cfg.head_count)
+  elif cfg.profile == "balanced":
+    by_rank = [cfg.head_count] * n
+  elif cfg.profile == "exponential":
+    by_rank = exponential_counts(cfg.head_count, cfg.tail_count, n)
+  else:
+    raise ValueError(f"unknown profile {cfg.profile!r}; known: {PROFILES}")
+  counts = [0] * n
+  for rank, k in enumerate(count_order(cfg.permutation, n)):
+    counts[k] = by_rank[rank]
+  return counts
+
+
+def head_class(cfg) -> str:
+  """The most frequent class of a config (the healthy group's stand-in)."""
+  counts = train_counts(cfg)
+  return CLASS_NAMES[int(np.argmax(counts))]
+
+
+def split_halves(labels: np.ndarray, seed: int) -> np.ndarray:
+  """bool [N]: True for the target half: of each class's n images, the last n // 2 of a seeded
+  permutation. The source half is the rest."""
+  rng = np.random.default_rng((seed, 1))
+  in_target = np.zeros(len(labels), bool)
+  for k in range(len(CLASS_NAMES)):
+    pool = rng.permutation(np.flatnonzero(labels == k))
+    in_target[pool[len(pool) - len(pool) // 2:]] = True
+  return in_target
 
 
 def fmnist_dir() -> str:
@@ -128,46 +212,78 @@ def subsample(labels: np.ndarray, counts, seed: int, spare_per_class: int):
 
 @dataclasses.dataclass(eq=False)
 class FashionMnistLtConfig(tfds.core.BuilderConfig):
-  head_count: int = 6000
+  head_count: int = 6000  # The most frequent class's train images.
   seed: int = 0
   val_per_class: int = 100
   test_per_class: int | None = None  # None: the whole t10k split
+  profile: str = "nih"  # 'nih', 'balanced' or 'exponential' (down to `tail_count`)
+  tail_count: int = 0
+  permutation: int | None = None  # Seed of the rank -> class assignment; None: class order.
+  half: str = ""  # '' every train image, or only the 'source' or the 'target' half.
+  appearance: str = "photo"  # 'photo' or 'radiograph' (grasp_jax.data.domains)
+
+
+TARGET = dict(profile="exponential", head_count=1000, tail_count=8, half="target",
+              appearance="radiograph")
 
 
 class FashionMnistLt(base.Builder):
-  """Fashion-MNIST with the NIH ChestX-ray14 long-tail profile."""
+  """Fashion-MNIST with long-tailed class profiles, in the photo or the radiograph domain."""
 
   name = "fashion_mnist_lt"
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "First release.",
+                   "1.1.0": "Configs source, target_p0 and target_p1 (radiograph domain)."}
   BUILDER_CONFIGS = [
       FashionMnistLtConfig(name="default", description="Full profile, head class 6000 images."),
       FashionMnistLtConfig(name="small", description="Head class 600 images; for tests and CI.",
                            head_count=600, val_per_class=10, test_per_class=50),
+      FashionMnistLtConfig(name="source", description="Balanced source half, photo domain.",
+                           profile="balanced", head_count=2900, half="source"),
+      FashionMnistLtConfig(name="target_p0", description="Long-tailed target half, radiograph "
+                           "domain, class ranks by permutation 0.", permutation=0, **TARGET),
+      FashionMnistLtConfig(name="target_p1", description="Long-tailed target half, radiograph "
+                           "domain, class ranks by permutation 1.", permutation=1, **TARGET),
+      FashionMnistLtConfig(name="source_small", description="source with 100 images per class; "
+                           "for tests.", profile="balanced", head_count=100, half="source",
+                           val_per_class=10, test_per_class=20),
+      FashionMnistLtConfig(name="target_small", description="target_p0 from 100 down to 5 "
+                           "images per class; for tests.", permutation=0, val_per_class=10,
+                           test_per_class=20, **{**TARGET, "head_count": 100, "tail_count": 5}),
   ]
 
   def _info(self) -> tfds.core.DatasetInfo:
     cfg = self.builder_config
-    counts = profile_counts(cfg.head_count)
-    table = "\n".join(f"  {c:<12} <- {nih:<19} {n_nih:>6} -> {n:>5}"
-                      for c, (nih, n_nih), n in zip(CLASS_NAMES, NIH_PROFILE, counts))
+    if cfg.half not in ("", "source", "target") or cfg.appearance not in PROMPTS:
+      raise ValueError(f"half {cfg.half!r} (known: '', 'source', 'target'), appearance "
+                       f"{cfg.appearance!r} (known: {sorted(PROMPTS)})")
+    counts = train_counts(cfg)
+    order = count_order(cfg.permutation)
+    table = "\n".join(f"  {CLASS_NAMES[k]:<12} {counts[k]:>5}" for k in order)
     description = (
-        f"{__doc__.splitlines()[0]}\nNot medical images. Train counts (seed {cfg.seed}, "
-        f"head_count {cfg.head_count}):\n{table}\nval: up to {cfg.val_per_class} per class from "
-        f"unused train images (none for a class whose train images are all used); test: "
-        f"{cfg.test_per_class or 'all'} t10k images per class.")
+        f"{__doc__.splitlines()[0]}\nNot medical images. Train counts ({cfg.profile} profile, "
+        f"seed {cfg.seed}, head_count {cfg.head_count}, half {cfg.half or 'all'}, "
+        f"{cfg.appearance} domain, prompts like {PROMPTS[cfg.appearance](CLASS_NAMES[1])!r}):\n"
+        f"{table}\nval: up to {cfg.val_per_class} per class from unused train images (none for a "
+        f"class whose train images are all used); test: {cfg.test_per_class or 'all'} t10k "
+        f"images per class, {cfg.appearance} domain.")
+    metadata = dict(
+        class_names=list(CLASS_NAMES), train_counts=dict(zip(CLASS_NAMES, counts)),
+        count_order=[CLASS_NAMES[k] for k in order], profile=cfg.profile,
+        permutation=cfg.permutation, half=cfg.half, appearance=cfg.appearance,
+        head_count=cfg.head_count, tail_count=cfg.tail_count, seed=cfg.seed,
+        val_per_class=cfg.val_per_class, test_per_class=cfg.test_per_class, multi_label=False)
+    if cfg.profile == "nih":
+      metadata.update(nih_profile_class=dict(zip(CLASS_NAMES, (n for n, _ in NIH_PROFILE))),
+                      nih_profile_count=dict(zip(CLASS_NAMES, (c for _, c in NIH_PROFILE))))
+    if cfg.appearance == "radiograph":
+      metadata["transform"] = dataclasses.asdict(RADIOGRAPH)
     return tfds.core.DatasetInfo(
         builder=self,
         description=description,
-        features=features.example_features(CLASS_NAMES, (28, 28, 1)),
+        features=specs.example_features(CLASS_NAMES, (28, 28, 1)),
         homepage="https://github.com/zalandoresearch/fashion-mnist",
-        metadata=tfds.core.MetadataDict(
-            class_names=list(CLASS_NAMES),
-            nih_profile_class=dict(zip(CLASS_NAMES, (n for n, _ in NIH_PROFILE))),
-            nih_profile_count=dict(zip(CLASS_NAMES, (c for _, c in NIH_PROFILE))),
-            train_counts=dict(zip(CLASS_NAMES, counts)),
-            head_count=cfg.head_count, seed=cfg.seed, val_per_class=cfg.val_per_class,
-            test_per_class=cfg.test_per_class, multi_label=False),
+        metadata=tfds.core.MetadataDict(metadata),
     )
 
   def _split_generators(self, dl_manager):
@@ -176,8 +292,11 @@ class FashionMnistLt(base.Builder):
     directory = fmnist_dir()
     train_images, train_labels = load_split(directory, "train")
     test_images, test_labels = load_split(directory, "test")
-    train_idx, val_idx = subsample(train_labels, profile_counts(cfg.head_count), cfg.seed,
-                                   cfg.val_per_class)
+    pool = train_labels.astype(np.int64)
+    if cfg.half:  # The other half's images are out of reach (label -1).
+      in_target = split_halves(train_labels, cfg.seed)
+      pool = np.where(in_target == (cfg.half == "target"), pool, -1)
+    train_idx, val_idx = subsample(pool, train_counts(cfg), cfg.seed, cfg.val_per_class)
     if cfg.test_per_class is None:
       test_idx = np.arange(len(test_labels))
     else:
@@ -192,9 +311,42 @@ class FashionMnistLt(base.Builder):
     }
 
   def _generate_examples(self, images, labels, indices, source):
+    cfg = self.builder_config
     eye = np.eye(len(CLASS_NAMES), dtype=np.uint8)
-    for i in indices:
+    pixels = images[indices]
+    if cfg.appearance == "radiograph":
+      pixels = domains.radiograph(pixels, _SOURCE_CODE[source], indices, RADIOGRAPH)
+    prompt = PROMPTS[cfg.appearance]
+    for i, image in zip(indices, pixels):
       k = int(labels[i])
       key = f"{source}_{i:05d}"  # the image's index in the original IDX file
-      yield key, features.make_example(features.encode_png(images[i]), eye[k], k, CLASS_NAMES,
-                                       features.photo_prompt(CLASS_NAMES[k]), key)
+      yield key, specs.make_example(specs.encode_png(image), eye[k], k, CLASS_NAMES,
+                                    prompt(CLASS_NAMES[k]), key)
+
+
+def domains_figure(per_class: int = 3, scale: int = 3, seed: int = 0) -> np.ndarray:
+  """uint8 [H, W] picture (docs/domains.png): per class (columns), `per_class` train images of
+  the source half as photos above `per_class` of the target half as radiographs, headed by the
+  class's train count in target_p0 and target_p1."""
+  images, labels = load_split(fmnist_dir(), "train")
+  in_target = split_halves(labels, seed)
+  counts = [train_counts(c) for c in FashionMnistLt.BUILDER_CONFIGS if c.name in ("target_p0",
+                                                                                 "target_p1")]
+  rng = np.random.default_rng(seed)
+  size, gap, top, left = 28 * scale, 4, 40, 60
+  canvas = PIL.Image.new("L", (left + len(CLASS_NAMES) * (size + gap),
+                               top + 2 * per_class * (size + gap) + gap), 255)
+  draw = PIL.ImageDraw.Draw(canvas)
+  for k, name in enumerate(CLASS_NAMES):
+    x = left + k * (size + gap)
+    draw.text((x + 2, 4), name, fill=0)
+    draw.text((x + 2, 20), f"p0 {counts[0][k]}  p1 {counts[1][k]}", fill=90)
+    for half, row0 in ((False, 0), (True, per_class)):
+      idx = rng.choice(np.flatnonzero((labels == k) & (in_target == half)), per_class, False)
+      pixels = domains.radiograph(images[idx], 0, idx, RADIOGRAPH) if half else images[idx]
+      for j, image in enumerate(pixels):
+        tile = PIL.Image.fromarray(image).resize((size, size), PIL.Image.Resampling.NEAREST)
+        canvas.paste(tile, (x, top + (row0 + j) * (size + gap) + (gap if half else 0)))
+  for label, row0 in (("source", 0), ("target", per_class)):
+    draw.text((6, top + row0 * (size + gap) + size // 2), label, fill=0)
+  return np.asarray(canvas)

@@ -13,14 +13,16 @@ metadata (`class_names`), since the ClassLabel is declared before the manual fil
 import dataclasses
 import os
 import re
+from typing import ClassVar
 
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
 from grasp_jax.data.builders import base
-from grasp_jax.data.builders import features
+from grasp_jax.data.builders import specs
 from grasp_jax.data.builders import manual_dir
+from grasp_jax.data import prompts
 
 _SPLITS = ("train", "val", "test")
 _NAME_FILES = ("classnames.txt", "LOC_synset_mapping.txt", "synset_words.txt")
@@ -75,10 +77,10 @@ def class_names(wnids: list[str | None], names: dict[str, str] | None,
 
 
 @dataclasses.dataclass(eq=False)
-class ImagenetLtConfig(tfds.core.BuilderConfig):
-  resolution: int = 256
+class ImagenetLtConfig(base.ManualConfig):
+  """base.ManualConfig's options and num_classes (fewer classes: tiny test copies)."""
+  OPTIONS: ClassVar[tuple[str, ...]] = base.ManualConfig.OPTIONS + ("num_classes",)
   num_classes: int = 1000
-  skip_bad_images: bool = False
 
 
 class ImagenetLtT2i(base.Builder):
@@ -96,7 +98,8 @@ class ImagenetLtT2i(base.Builder):
     train/ and val/ of ImageNet-1k (ILSVRC2012) in one-folder-per-wnid layout
     optional: classnames.txt (or LOC_synset_mapping.txt / synset_words.txt), lines
       `<wnid> <class name>`; without it the classes are named class_<i>
-  Other resolutions: pass config=ImagenetLtConfig(name="r64", resolution=64) to tfds.builder.
+  Options (resolution, skip_bad_images, drop_overlapping_images, num_classes; see
+  base.ManualConfig): pipeline.load_builder("imagenet_lt_t2i", ..., options={"resolution": 64}).
   """
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -105,7 +108,7 @@ class ImagenetLtT2i(base.Builder):
     return tfds.core.DatasetInfo(
         builder=self,
         description=f"{__doc__}\nResolution {r}.",
-        features=features.example_features([str(i) for i in range(cfg.num_classes)],
+        features=specs.example_features([str(i) for i in range(cfg.num_classes)],
                                             (r, r, 3)),
         homepage="https://github.com/zhmiao/OpenLongTailRecognition-OLTR",
         metadata=tfds.core.MetadataDict(multi_label=False, resolution=r, splits={}),
@@ -119,6 +122,14 @@ class ImagenetLtT2i(base.Builder):
       file = f"ImageNet_LT_{split}.txt"
       path = manual_dir.find_file(root, (file, f"ImageNet_LT/{file}"), f"split file {file}")
       rows[split] = (path, *read_split_file(path, cfg.num_classes))
+    # The same image may be written "train/x.JPEG" or "./train/x.JPEG".
+    keep = manual_dir.disjoint_splits(
+        {split: (os.fspath(path), [os.path.normpath(p) for p in paths], lines)
+         for split, (path, paths, _, lines) in rows.items()},
+        drop_overlapping=cfg.drop_overlapping_images, stats=self.info.metadata["splits"])
+    rows = {split: (path, [p for p, k in zip(paths, keep[split]) if k], labels[keep[split]],
+                    [n for n, k in zip(lines, keep[split]) if k])
+            for split, (path, paths, labels, lines) in rows.items()}
     wnids = self._wnids(rows)
     name_file = next((root / f for f in _NAME_FILES if (root / f).exists()), None)
     names = class_names(wnids, read_name_file(name_file) if name_file else None,
@@ -147,10 +158,10 @@ class ImagenetLtT2i(base.Builder):
     return wnids
 
   def _make(self, item: manual_dir.Item, names) -> dict:
-    image = features.load_image(item.image_path, size=self.builder_config.resolution,
+    image = specs.load_image(item.image_path, size=self.builder_config.resolution,
                                 mode="RGB", center_crop=True)
-    return features.make_example(features.encode_png(image), item.labels, item.label, names,
-                                 features.photo_prompt(names[item.label]), item.key)
+    return specs.make_example(specs.encode_png(image), item.labels, item.label, names,
+                                 prompts.photo_prompt(names[item.label]), item.key)
 
   def _generate_examples(self, split, names, items):
     stats = self.info.metadata["splits"].setdefault(split, {})

@@ -17,10 +17,12 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from grasp_jax import partition
+from grasp_jax.data import classes as class_lists
+from grasp_jax.data import labels as label_tables
 from grasp_jax.data.builders import base
-from grasp_jax.data.builders import features
+from grasp_jax.data.builders import specs
 from grasp_jax.data.builders import manual_dir
+from grasp_jax.data import prompts
 
 # Columns of the CXR-LT files that are not classes (the 2023 files carry some of the
 # MIMIC-CXR-JPG metadata columns; `path` is called `fpath` in some releases).
@@ -51,13 +53,11 @@ def study_dir(subject_id: str, study_id: str) -> str:
 
 
 @dataclasses.dataclass(eq=False)
-class MimicCxrLtConfig(tfds.core.BuilderConfig):
+class MimicCxrLtConfig(base.ManualConfig):
   """A label release: its classes and, per split, candidate label files under manual_dir."""
   classes: tuple[str, ...] = ()
   split_files: tuple[tuple[str, tuple[str, ...]], ...] = ()
   multi_label: bool = False
-  resolution: int = 256
-  skip_bad_images: bool = False
 
 
 def _files(names, folders):
@@ -74,7 +74,7 @@ class MimicCxrLt(base.Builder):
       MimicCxrLtConfig(
           name="cxr_lt_2022",
           description="MIMIC-CXR-LT (Holste et al. 2022): 19 classes, single-label.",
-          classes=partition.MIMIC_CXR_LT_CLASSES,
+          classes=class_lists.MIMIC_CXR_LT_CLASSES,
           split_files=_files(
               [(s, f"mimic-cxr-lt_single-label_{f}.csv") for s, f in
                (("train", "train"), ("balanced_val", "balanced-val"),
@@ -83,7 +83,7 @@ class MimicCxrLt(base.Builder):
       MimicCxrLtConfig(
           name="cxr_lt_2023",
           description="CXR-LT 2023 challenge: 26 classes, multi-label.",
-          classes=partition.CXR_LT_2023_CLASSES,
+          classes=class_lists.CXR_LT_2023_CLASSES,
           split_files=_files([(s, f"{s}.csv") for s in ("train", "development", "test")],
                              ("cxr-lt-2023/", "")),
           multi_label=True),
@@ -103,8 +103,8 @@ class MimicCxrLt(base.Builder):
       IMPRESSION prompts.
   The label files need the columns subject_id, study_id, dicom_id and one 0/1 column per class;
   `path`/`fpath`, if present, must point at the same image.
-  Other resolutions: pass config=dataclasses.replace(MimicCxrLt.builder_configs["cxr_lt_2022"],
-  name="cxr_lt_2022_512", resolution=512) to tfds.builder.
+  Options (resolution, skip_bad_images, drop_overlapping_images; see base.ManualConfig):
+  pipeline.load_builder("mimic_cxr_lt/cxr_lt_2022", ..., options={"resolution": 512}).
   """
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -113,7 +113,7 @@ class MimicCxrLt(base.Builder):
     return tfds.core.DatasetInfo(
         builder=self,
         description=f"{__doc__}\nConfig {cfg.name}: {cfg.description} Resolution {r}.",
-        features=features.example_features(cfg.classes, (r, r, 1)),
+        features=specs.example_features(cfg.classes, (r, r, 1)),
         homepage="https://github.com/VITA-Group/LongTailCXR",
         metadata=tfds.core.MetadataDict(class_names=list(cfg.classes),
                                         multi_label=cfg.multi_label, resolution=r, splits={}),
@@ -132,6 +132,10 @@ class MimicCxrLt(base.Builder):
       tables[split] = manual_dir.read_labels(
           path, cfg.classes, required_columns=_ID_COLUMNS, metadata_columns=_METADATA_COLUMNS,
           single_label=not cfg.multi_label)
+    keep = manual_dir.disjoint_splits(
+        {split: (t.path, t.columns["dicom_id"], t.lines) for split, t in tables.items()},
+        drop_overlapping=cfg.drop_overlapping_images, stats=self.info.metadata["splits"])
+    tables = {split: t.take(keep[split]) for split, t in tables.items()}
     train_counts = tables["train"].class_counts
     reports = root / "mimic-cxr-reports" / "files"
     self.info.metadata["reports_dir"] = os.fspath(reports) if reports.is_dir() else None
@@ -139,7 +143,7 @@ class MimicCxrLt(base.Builder):
     return {split: self._generate_examples(split, self._items(root, t, train_counts))
             for split, t in tables.items()}
 
-  def _items(self, root: epath.Path, table: partition.LabelTable, train_counts):
+  def _items(self, root: epath.Path, table: label_tables.LabelTable, train_counts):
     cols = table.columns
     given = cols.get("path", cols.get("fpath"))
     labels = manual_dir.primary_labels(table.labels, train_counts)
@@ -158,15 +162,15 @@ class MimicCxrLt(base.Builder):
 
   def _make(self, item: manual_dir.Item) -> dict:
     cfg = self.builder_config
-    image = features.load_image(item.image_path, size=cfg.resolution, mode="L",
+    image = specs.load_image(item.image_path, size=cfg.resolution, mode="L",
                                 center_crop=False)
     prompt, source = None, "template"
     if self.info.metadata["reports_dir"] is not None and item.extra.exists():
       prompt = impression(item.extra.read_text())
       source = "impression" if prompt else "template_no_impression"
     if prompt is None:
-      prompt = features.findings_prompt([cfg.classes[i] for i in np.flatnonzero(item.labels)])
-    example = features.make_example(features.encode_png(image), item.labels, item.label,
+      prompt = prompts.findings_prompt([cfg.classes[i] for i in np.flatnonzero(item.labels)])
+    example = specs.make_example(specs.encode_png(image), item.labels, item.label,
                                     cfg.classes, prompt, item.key)
     example["prompt_source"] = source
     return example

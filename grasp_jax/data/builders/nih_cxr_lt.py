@@ -11,10 +11,12 @@ import os
 import tensorflow_datasets as tfds
 from etils import epath
 
-from grasp_jax import partition
+from grasp_jax.data import classes as class_lists
+from grasp_jax.data import labels as label_tables
 from grasp_jax.data.builders import base
-from grasp_jax.data.builders import features
+from grasp_jax.data.builders import specs
 from grasp_jax.data.builders import manual_dir
+from grasp_jax.data import prompts
 
 _SPLITS = (("train", "train"), ("balanced_val", "balanced-val"),
            ("balanced_test", "balanced-test"), ("test", "test"))
@@ -39,9 +41,8 @@ def index_images(root: epath.Path) -> dict[str, str]:
 
 
 @dataclasses.dataclass(eq=False)
-class NihCxrLtConfig(tfds.core.BuilderConfig):
-  resolution: int = 256
-  skip_bad_images: bool = False
+class NihCxrLtConfig(base.ManualConfig):
+  """The options of base.ManualConfig."""
 
 
 class NihCxrLt(base.Builder):
@@ -60,7 +61,8 @@ class NihCxrLt(base.Builder):
       nih-lt_single-label_balanced-test.csv, nih-lt_single-label_test.csv
       (columns: id = image file name, then one 0/1 column per class;
       splits train, balanced_val, balanced_test, test)
-  Other resolutions: pass config=NihCxrLtConfig(name="r512", resolution=512) to tfds.builder.
+  Options (resolution, skip_bad_images, drop_overlapping_images; see base.ManualConfig):
+  pipeline.load_builder("nih_cxr_lt", ..., options={"resolution": 512}).
   """
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -68,9 +70,9 @@ class NihCxrLt(base.Builder):
     return tfds.core.DatasetInfo(
         builder=self,
         description=f"{__doc__}\nResolution {r}.",
-        features=features.example_features(partition.NIH_CXR_LT_CLASSES, (r, r, 1)),
+        features=specs.example_features(class_lists.NIH_CXR_LT_CLASSES, (r, r, 1)),
         homepage="https://github.com/VITA-Group/LongTailCXR",
-        metadata=tfds.core.MetadataDict(class_names=list(partition.NIH_CXR_LT_CLASSES),
+        metadata=tfds.core.MetadataDict(class_names=list(class_lists.NIH_CXR_LT_CLASSES),
                                         multi_label=False, resolution=r, splits={}),
     )
 
@@ -81,15 +83,20 @@ class NihCxrLt(base.Builder):
       file = f"nih-lt_single-label_{name}.csv"
       path = manual_dir.find_file(root, (file, f"labels/{file}"), f"label file for {split!r}")
       tables[split] = manual_dir.read_labels(
-          path, partition.NIH_CXR_LT_CLASSES, required_columns=("id",),
+          path, class_lists.NIH_CXR_LT_CLASSES, required_columns=("id",),
           metadata_columns=("id",), single_label=True)
+    keep = manual_dir.disjoint_splits(
+        {split: (t.path, t.columns["id"], t.lines) for split, t in tables.items()},
+        drop_overlapping=self.builder_config.drop_overlapping_images,
+        stats=self.info.metadata["splits"])
+    tables = {split: t.take(keep[split]) for split, t in tables.items()}
     images = index_images(root)
     self.info.metadata["train_class_counts"] = dict(zip(
-        partition.NIH_CXR_LT_CLASSES, tables["train"].class_counts.tolist()))
+        class_lists.NIH_CXR_LT_CLASSES, tables["train"].class_counts.tolist()))
     return {split: self._generate_examples(split, self._items(t, images))
             for split, t in tables.items()}
 
-  def _items(self, table: partition.LabelTable, images: dict[str, str]):
+  def _items(self, table: label_tables.LabelTable, images: dict[str, str]):
     items = []
     for r, name in enumerate(table.columns["id"]):
       items.append(manual_dir.Item(key=name, image_path=images.get(name), labels=table.labels[r],
@@ -99,13 +106,13 @@ class NihCxrLt(base.Builder):
 
   def _make(self, item: manual_dir.Item) -> dict:
     if item.image_path is None:
-      raise features.BadImageError(f"image {item.key} not found under images/ or "
+      raise specs.BadImageError(f"image {item.key} not found under images/ or "
                                    "images_*/images/ in manual_dir")
-    image = features.load_image(item.image_path, size=self.builder_config.resolution, mode="L",
+    image = specs.load_image(item.image_path, size=self.builder_config.resolution, mode="L",
                                 center_crop=False)
-    classes = partition.NIH_CXR_LT_CLASSES
-    prompt = features.findings_prompt([classes[item.label]])
-    return features.make_example(features.encode_png(image), item.labels, item.label, classes,
+    classes = class_lists.NIH_CXR_LT_CLASSES
+    prompt = prompts.findings_prompt([classes[item.label]])
+    return specs.make_example(specs.encode_png(image), item.labels, item.label, classes,
                                  prompt, item.key)
 
   def _generate_examples(self, split, items):

@@ -1,0 +1,30 @@
+"""Prompt templates: what a class is called in the text condition, for training and sampling."""
+from typing import Sequence
+
+
+def human_name(class_name: str) -> str:
+  """'Pleural_Thickening' -> 'pleural thickening'; 'T-shirt/top' -> 't-shirt/top'."""
+  return class_name.replace("_", " ").lower()
+
+
+def photo_prompt(class_name: str) -> str:
+  name = human_name(class_name)
+  article = "an" if name[:1] in "aeiou" else "a"
+  return f"a photo of {article} {name}"
+
+
+def findings_prompt(positive_names: Sequence[str], no_finding: str = "No Finding") -> str:
+  """Template prompt for chest X-rays: 'chest x-ray showing cardiomegaly and edema'."""
+  findings = [human_name(n) for n in positive_names if n != no_finding]
+  if not findings:
+    return "normal chest x-ray"
+  listed = findings[0] if len(findings) == 1 else (
+      ", ".join(findings[:-1]) + " and " + findings[-1])
+  return f"chest x-ray showing {listed}"
+
+
+def class_prompt(dataset: str, class_name: str) -> str:
+  """The builders' template prompt of a class (what sampling and CBDM condition on)."""
+  if "cxr" in dataset:
+    return findings_prompt([class_name])
+  return photo_prompt(class_name)

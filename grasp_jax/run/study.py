@@ -1,0 +1,175 @@
+r"""The study driver: every run of the study config, resumable, then the report.
+
+  python -m grasp_jax.study --workdir=workdir/study        # results/study.json, docs/RESULTS.md
+
+Order: (1) one base per backbone, pretrained on the config's base data (the source domain) in
+WORKDIR/<backbone>/base; (2) the learning-rate sweep: every method family at every rate of
+`lr_grid`, `sweep_steps` steps on the first target, scored by the flow / diffusion loss on the
+target's class-balanced validation split (fixed noise and timesteps for every rate) ->
+WORKDIR/<backbone>/sweep.json; (3) every run x target x seed at its family's rate
+(WORKDIR/<backbone>/<target>/<run>/seed<k>: the run's own workdir, evaluated in training and at
+the end), each recorded as study_run.json when done; (4) the report (grasp_jax/run/report.py).
+Finished pieces are skipped, so an interrupted study continues where it stopped; a half-done run
+restarts from its last checkpoint.
+"""
+import glob
+import os
+import time
+
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+
+from grasp_jax import files
+from grasp_jax.run import lock
+from grasp_jax.run import setup
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", "configs/study.py", "The study config (runs[backbone]"
+                                "[run] is each run's full config).", lock_config=False)
+flags.DEFINE_string("workdir", "workdir/study", "Runs, bases, sweeps and caches.")
+flags.DEFINE_string("out", "results/study.json", "Aggregated results.")
+flags.DEFINE_string("doc", "docs/RESULTS.md", "The report (its images go next to it, study/).")
+flags.DEFINE_list("runs", [], "Runs of the study config to train (default: all).")
+flags.DEFINE_bool("report_only", False, "Only aggregate the finished runs.")
+
+
+def plan(study, runs=None):
+  """[(backbone, target, run, seed)] in the order they are trained: headline runs first."""
+  known = list(study.runs[study.backbones[0]])
+  runs = list(runs or known)
+  unknown = sorted(set(runs) - set(known))
+  if unknown:
+    raise ValueError(f"--runs: unknown {unknown}; known: {known}")
+  out = []
+  for backbone in study.backbones:
+    for seed in study.seeds:
+      for target in study.targets:
+        for run in runs:
+          if seed == study.seeds[0] or run in study.seeded:
+            out.append((backbone, target, run, seed))
+  return out
+
+
+def family(config):
+  """The learning-rate family of a run: its method."""
+  return config.method.name
+
+
+def trainable_count(trainer):
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(trainer.state.params)))
+
+
+def validation_loss(exp, trainer):
+  """Mean loss on the class-balanced eval-split batches (the sweep's config points it at the
+  target's validation split), with the same noise and timesteps for every run."""
+  from grasp_jax.run import hooks  # pylint: disable=g-import-not-at-top
+  params, extra = hooks.sampling_params(trainer)
+  loss = jax.jit(lambda p, b, r: jnp.mean(exp.loss_fn(p, extra, b, r)[0]))
+  with jax.set_mesh(trainer.mesh):
+    batches = exp.heldout_batches(trainer.mesh)
+    return float(np.mean([loss(params, b, jax.random.key(i)) for i, b in enumerate(batches)]))
+
+
+def sweep(study, workdir, backbone, base, families):
+  """{family: {"lr": chosen, "losses": {lr: loss}}} of `families`: WORKDIR/<backbone>/sweep.json,
+  resumable."""
+  from grasp_jax.task import experiment  # pylint: disable=g-import-not-at-top
+  from grasp_jax.trainer import loop  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, backbone, "sweep.json")
+  done = files.read_json(path) if os.path.exists(path) else {}
+  for fam in sorted(families):
+    rates = study.lr_grid[fam]
+    entry = done.setdefault(fam, {"losses": {}})
+    for lr in rates:
+      if str(lr) in entry["losses"]:
+        continue
+      config = _representative(study, backbone, fam).copy_and_resolve_references()
+      with config.unlocked():
+        config.model.pretrained = base
+        config.data.config = study.targets[0]
+        config.data.eval_split = "val"
+        config.optim.learning_rate = float(lr)
+        config.train.steps = int(study.sweep_steps)
+        config.train.checkpoint_every = config.train.steps
+        config.eval.every = config.train.sample_every = config.train.diagnostics_every = 0
+      run_dir = os.path.join(workdir, backbone, "sweep", f"{fam}_lr{lr}")
+      setup.validate_config(config)
+      with lock.hold(run_dir):
+        setup.write_config(config, run_dir)
+        exp = experiment.build(config, run_dir)
+        entry["losses"][str(lr)] = validation_loss(exp, loop.fit(exp, config, run_dir))
+      logging.info("sweep %s %s lr %g: validation loss %.5f", backbone, fam, lr,
+                   entry["losses"][str(lr)])
+      entry["lr"] = float(min(entry["losses"], key=entry["losses"].get))
+      files.write_json(path, done)
+  return done
+
+
+def _representative(study, backbone, fam):
+  """The plain run of a method family (the sweep trains it)."""
+  runs = study.runs[backbone]
+  return runs[fam] if fam in runs else next(c for c in runs.values() if family(c) == fam)
+
+
+def run_one(study, workdir, backbone, target, run, seed, base, lrs):
+  """Trains + evaluates one run (skipped when done); returns its record."""
+  from grasp_jax.run import stages  # pylint: disable=g-import-not-at-top
+  run_dir = os.path.join(workdir, backbone, target, run, f"seed{seed}")
+  record_path = os.path.join(run_dir, "study_run.json")
+  if os.path.exists(record_path):
+    return files.read_json(record_path)
+  config = study.runs[backbone][run].copy_and_resolve_references()
+  with config.unlocked():
+    config.seed = seed
+    config.data.config = target
+    config.model.pretrained = base
+    config.optim.learning_rate = lrs[family(config)]["lr"]
+    config.eval.cache_dir = os.path.join(workdir, "cache")
+  setup.validate_config(config)
+  start = time.perf_counter()
+  with lock.hold(run_dir):
+    setup.write_config(config, run_dir)
+    trainer = stages.train_and_evaluate(config, run_dir)
+  results = files.read_json(os.path.join(run_dir, "results.json"))
+  record = {"backbone": backbone, "target": target, "run": run, "seed": seed,
+            "method": config.method.name, "lr": config.optim.learning_rate,
+            "trainable_params": trainable_count(trainer), "steps": int(config.train.steps),
+            "batch_size": int(config.data.batch_size), "seconds": time.perf_counter() - start,
+            "steps_evaluated": sorted(int(s) for s in results), "results": results}
+  files.write_json(record_path, record)
+  return record
+
+
+def collect(workdir):
+  """Every finished run's record in WORKDIR (this invocation's and earlier ones')."""
+  return [files.read_json(p) for p in
+          sorted(glob.glob(os.path.join(workdir, "*", "*", "*", "seed*", "study_run.json")))]
+
+
+def main(argv):
+  from absl import app  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from grasp_jax.run import pretrain  # pylint: disable=g-import-not-at-top
+  from grasp_jax.run import report  # pylint: disable=g-import-not-at-top
+  logging.get_absl_handler().addFilter(setup.QuietLibraries())
+  study = FLAGS.config
+  # Every run compiles the same evaluators and mostly the same samplers.
+  jax.config.update("jax_compilation_cache_dir", os.path.join(FLAGS.workdir, "jax_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  todo = [] if FLAGS.report_only else plan(study, FLAGS.runs)
+  bases, lrs = {}, {}
+  for backbone, target, run, seed in todo:
+    if backbone not in bases:
+      config = study.runs[backbone][study.compare_to].copy_and_resolve_references()
+      families = {family(study.runs[b][r]) for b, _, r, _ in todo if b == backbone}
+      with lock.hold(os.path.join(FLAGS.workdir, backbone)):
+        bases[backbone] = pretrain.pretrain_base(config, os.path.join(FLAGS.workdir, backbone))
+        lrs[backbone] = sweep(study, FLAGS.workdir, backbone, bases[backbone], families)
+    logging.info("study: %s / %s / %s / seed %d", backbone, target, run, seed)
+    run_one(study, FLAGS.workdir, backbone, target, run, seed, bases[backbone], lrs[backbone])
+  report.write(collect(FLAGS.workdir), study, FLAGS.workdir, FLAGS.out, FLAGS.doc)

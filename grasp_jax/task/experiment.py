@@ -1,0 +1,231 @@
+"""Builds what one run trains from its config: data, partition, text conditioning, model, loss.
+
+The trainer (train.py) only sees an `Experiment`: `init_variables`, `base_on_devices`, `loss_fn`,
+`train_iterator`, `device_batch`, `encode_batch` and `partition`. Model parameters come from a
+diffusers folder (`config.model.pretrained`), or — for the embedded demo, where no weights can be
+downloaded — from a small base trained here first and cached in WORKDIR/base in the same diffusers
+layout.
+"""
+import dataclasses
+import os
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from grasp_jax import partition as partition_lib
+from grasp_jax.data import pipeline
+from grasp_jax.data import prompts
+from grasp_jax.diffusion import objectives
+from grasp_jax.inference import conditioning
+from grasp_jax.inference import model
+from grasp_jax.models import backbone
+from grasp_jax.parallel import distributed
+from grasp_jax.parallel import sharding
+from grasp_jax.partition import groups as partition_groups
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Data and partition.
+
+def prepare_data(config):
+  """Builds (if needed) the TFDS dataset with config.data.builder_options; returns the builder."""
+  d = config.data
+  name = d.name + (f"/{d.config}" if d.config else "")
+  options = pipeline.parse_options(d.builder_options)
+
+  def load(build=False):
+    return pipeline.load_builder(name, d.data_dir or None, build=build,
+                                 manual_dir=d.manual_dir or None, options=options)
+
+  if distributed.is_primary():  # One writer; the others wait and then read what it built.
+    load(build=True)
+  distributed.barrier("data_prepared")
+  return load()
+
+
+def load_or_build_partition(config, workdir, builder):
+  """WORKDIR/partition.json is the one source of cluster ids; built once from the train split."""
+  path = os.path.join(workdir, "partition.json")
+  class_names, class_counts = pipeline.dataset_class_counts(builder, config.data.train_split)
+  if os.path.exists(path):
+    part = partition_lib.Partition.load(path)
+    if tuple(part.class_names) != tuple(class_names):
+      raise ValueError(f"{path} was built for classes {part.class_names}, but "
+                       f"{config.data.name} has {class_names}; use a fresh workdir")
+    return part
+  p = config.partition
+  if p.strategy in partition_lib.GRADIENT_STRATEGIES:
+    raise ValueError(f"{path} is missing: partition.strategy={p.strategy!r} is measured on the "
+                     "base model before the run (grasp_jax.main does it; or `python -m "
+                     "grasp_jax.partition --strategy=gradient --config=... --workdir=... "
+                     f"--out={path}`)")
+  thresholds = tuple(int(t) for t in p.thresholds.split(",")) if p.thresholds else None
+  part = partition_lib.build_partition(
+      class_names, class_counts, strategy=p.strategy,
+      k=None if thresholds else p.k, thresholds=thresholds,
+      groups=partition_groups.load_groups(p.groups) if p.groups else None, healthy=p.healthy,
+      seed=p.seed)
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    part.save(path)
+  return part
+
+
+@dataclasses.dataclass
+class Experiment:
+  config: Any
+  workdir: str
+  builder: Any
+  partition: partition_lib.Partition
+  conditioner: Any
+  module: Any
+  lib: Any  # The backbone's module file (from_config, example_inputs).
+  base_params: Any  # Frozen base params (numpy), or None when training from scratch.
+  base_hash: str
+  schedule: Any
+  null_cond: Any  # The empty prompt's condition (classifier-free guidance), leaves [L, D] / [D].
+  class_cond: Any  # Each class's template-prompt condition, leaves [C, ...] (CBDM's y').
+  codec: Any = None  # latents.LatentCodec for latent diffusion; None in pixel space.
+
+  # --- what the trainer calls -----------------------------------------------------------------
+
+  def init_variables(self, rng, base=None):
+    """All variables (base + adapters), initialised through the call that training makes.
+
+    With `base` (the frozen params, already on device) only the missing leaves — adapters, LoRA,
+    heads — are initialised: flax creates a param only when the collection lacks it, which also
+    spares compiling the random init of the whole backbone.
+    """
+    c = self.config
+    x = jnp.zeros((1,) + self.latent_shape)
+    cond = jax.tree.map(lambda v: jnp.asarray(v)[None], self.null_cond)
+    ids = jnp.zeros((1,), jnp.int32)
+    args = backbone.call_args(c.model.backbone, x, ids, cond)
+    kwargs = dict(cluster_ids=ids, **backbone.call_kwargs(c.model.backbone, cond))
+    if base is None:
+      variables = self.module.init(rng, *args, **kwargs)
+    else:
+      _, variables = self.module.apply({"params": base}, *args, **kwargs,
+                                       rngs={"params": rng}, mutable=["params", "selora"])
+    if c.diffusion.coral_weight:
+      _, mutated = self.module.apply(variables, *args, **kwargs, mutable=["intermediates"])
+      feats = objectives.bottleneck_features(mutated["intermediates"])
+      head = objectives.CoralHead().init(jax.random.fold_in(rng, 1), feats)["params"]
+      variables = {**variables, "params": {**variables["params"], "coral_head": head}}
+    # Sown collections ('intermediates', 'losses') are per-call outputs, not state.
+    return {k: v for k, v in variables.items() if k in ("params", "selora")}
+
+  def base_on_devices(self, shardings):
+    """The frozen base params placed with their shardings (None when training from scratch)."""
+    if self.base_params is None:
+      return None
+    return jax.tree.map(jax.device_put, self.base_params, _subtree(shardings, self.base_params))
+
+  def train_iterator(self):
+    c = self.config
+    return iter(pipeline.make_dataset(
+        self.builder, c.data.train_split, batch_size=c.data.batch_size // jax.process_count(),
+        image_size=c.data.image_size, channels=c.data.channels, partition=self.partition,
+        seed=c.seed, shuffle=True, balance=c.data.balance or None))
+
+  def device_batch(self, host_batch):
+    """Host batch (numpy, with prompt strings) -> arrays for the step, text embedded."""
+    texts = [p.decode() if isinstance(p, bytes) else str(p) for p in host_batch["prompt"]]
+    return {"image": host_batch["image"].astype(np.float32),
+            "cluster_id": host_batch["cluster_id"].astype(np.int32),
+            "label": host_batch["label"].astype(np.int32),
+            **self.conditioner.lookup(texts)}
+
+  def encode_batch(self, batch, rng):
+    """A placed batch -> what the step trains on: images become VAE latents (sampled from the
+    posterior with `rng`) in latent diffusion; unchanged in pixel space."""
+    if self.codec is None:
+      return batch
+    return {**batch, "image": self.codec.encode(batch["image"], rng)}
+
+  @property
+  def latent_shape(self):
+    """(H, W, C) of the backbone's samples: VAE latents, or the images in pixel space."""
+    return model.latent_shape(self.config, self.codec)
+
+  def decode_latents(self, samples):
+    """The backbone's samples -> images (identity in pixel space). A jitted call on arrays:
+    apply it to the sampler's output, not inside another jitted function."""
+    return samples if self.codec is None else self.codec.decode(samples)
+
+  def loss_fn(self, params, extra, batch, rng):
+    """Per-sample loss [B] and the scalar auxiliary loss (MoE load balancing)."""
+    c = self.config
+    cond = {k: batch[k] for k in self.null_cond}
+    common = dict(null_cond=self.null_cond, cond_drop_prob=c.diffusion.cfg_dropout,
+                  cbdm=self._cbdm() if c.diffusion.cbdm_weight else None)
+    model_params = {k: v for k, v in params.items() if k != "coral_head"}
+    apply = backbone.model_fn_for(self.module, c.model.backbone)
+    model_fn = lambda x_t, t, cond, ids: apply({"params": model_params, **extra}, x_t, t, cond,
+                                                 ids)
+    if c.diffusion.objective == "flow":
+      losses, aux = objectives.flow_matching_loss(model_fn, self.schedule, batch["image"], cond,
+                                                  batch["cluster_id"], rng, **common)
+    else:
+      losses, aux = objectives.diffusion_loss(
+          model_fn, self.schedule, batch["image"], cond, batch["cluster_id"], rng,
+          min_snr_gamma=c.diffusion.min_snr_gamma or None, **common)
+    if c.diffusion.coral_weight:
+      feats = objectives.bottleneck_features(aux["model"]["intermediates"])
+      proj = objectives.CoralHead().apply({"params": params["coral_head"]}, feats)
+      losses = losses + objectives.coral_loss(
+          proj, batch["label"], ~aux["drop_mask"], aux["t_frac"],
+          temperature=c.diffusion.coral_temperature, weight=c.diffusion.coral_weight)
+    aux_loss = sum(jnp.sum(v) for v in jax.tree.leaves(aux["model"].get("losses", {})))
+    return losses, c.method.moe_aux_weight * aux_loss
+
+  def _cbdm(self):
+    """CBDM's balancing labels y' ~ uniform (fine-tuning) or train frequency, with their own
+    prompts and clusters."""
+    c = self.config
+    table = self.class_cond
+    counts = np.asarray(self.partition.class_counts, np.float32)
+    probs = counts if c.diffusion.cbdm_prior == "frequency" else np.ones_like(counts)
+    to_cluster = jnp.asarray(self.partition.class_to_cluster, jnp.int32)
+    return objectives.CBDM(class_probs=probs, tau=c.diffusion.cbdm_weight,
+                           cond_for_labels=lambda y: {k: jnp.asarray(v)[y]
+                                                      for k, v in table.items()},
+                           cluster_for_labels=lambda y: to_cluster[y])
+
+  def heldout_batches(self, mesh):
+    """A fixed set of class-balanced eval-split batches (diagnostics), placed on `mesh`."""
+    c = self.config
+    it = iter(pipeline.make_dataset(
+        self.builder, c.data.eval_split, batch_size=c.data.batch_size // jax.process_count(),
+        image_size=c.data.image_size, channels=c.data.channels, partition=self.partition,
+        seed=c.seed + 1, shuffle=True, balance="class"))
+    return [self.encode_batch(sharding.put_batch(self.device_batch(next(it)), mesh),
+                              jax.random.fold_in(jax.random.key(c.seed + 1), i))
+            for i in range(c.train.diagnostics_batches)]
+
+
+def _subtree(tree, like):
+  """The part of `tree` with the structure of `like` (nested dicts)."""
+  return {k: _subtree(tree[k], v) if isinstance(v, dict) else tree[k] for k, v in like.items()}
+
+
+def build(config, workdir, *, from_scratch=False):
+  """An Experiment for `config`. `from_scratch`: random init of the base architecture."""
+  builder = prepare_data(config)
+  part = load_or_build_partition(config, workdir, builder)
+  folder = "" if from_scratch else model.base_folder(config, workdir)
+  module, base_params, base_hash = model.load_backbone(config, folder, from_scratch=from_scratch)
+  logging.info("partition:\n%s", partition_lib.format_table(part))
+  codec = model.load_codec(config, module)
+  conditioner = conditioning.load_conditioner(config, workdir)
+  null_cond = conditioner.null_condition()
+  class_cond = conditioner.lookup([prompts.class_prompt(config.data.name, n) for n in part.class_names])
+  return Experiment(config=config, workdir=workdir, builder=builder, partition=part,
+                    conditioner=conditioner, module=module,
+                    lib=backbone.lib(config.model.backbone), base_params=base_params,
+                    base_hash=base_hash, schedule=model.make_schedule(config, folder),
+                    null_cond=null_cond, class_cond=class_cond, codec=codec)

@@ -1,0 +1,156 @@
+"""Pieces of the evaluation protocol against independent references: estimates (per-pair loops,
+metrics' own formulas), the paired comparison from saved features, the downstream training sets
+and the classifier's early stopping and class-balanced batches."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from grasp_jax.evaluation import classifier
+from grasp_jax.evaluation import compare
+from grasp_jax.evaluation import downstream
+from grasp_jax.evaluation import estimates
+from grasp_jax.evaluation import metrics
+from grasp_jax.run import evaluate
+
+
+def _kid_loop(x, y, ix, iy):
+  """Unbiased MMD^2 of the rows x[ix], y[iy], by a loop over pairs whose source rows differ."""
+  k = lambda u, v: (u @ v / x.shape[1] + 1.0)**3
+  def within(z, idx):
+    values = [k(z[a], z[b]) for p, a in enumerate(idx) for q, b in enumerate(idx)
+              if p != q and a != b]
+    return np.mean(values)
+  return within(x, ix) + within(y, iy) - 2 * np.mean([k(x[a], y[b]) for a in ix for b in iy])
+
+
+def test_kid_fn_matches_pair_loop_with_and_without_repeats():
+  rng = np.random.default_rng(0)
+  x, y = rng.normal(size=(7, 3)), rng.normal(0.5, 1, size=(6, 3))
+  fn = estimates.kid_fn(x, y)
+  np.testing.assert_allclose(fn(np.arange(7), np.arange(6)), metrics.mmd2_unbiased(x, y))
+  ix, iy = np.array([0, 0, 2, 3, 3, 3, 6]), np.array([1, 1, 2, 5, 5, 0])
+  np.testing.assert_allclose(fn(ix, iy), _kid_loop(x, y, ix, iy))
+
+
+def test_prdc_rows_and_memorization_rows_match_metrics():
+  rng = np.random.default_rng(1)
+  real, fake = rng.normal(size=(40, 4)), rng.normal(0.3, 1.2, size=(30, 4))
+  rows = estimates.prdc_rows(real, fake, k=5)
+  assert {m: float(np.mean(v)) for m, v in rows.items()} == pytest.approx(
+      metrics.prdc(real, fake, k=5))
+  assert rows["precision"].shape == (30,) and rows["coverage"].shape == (40,)
+  train, test = rng.normal(size=(50, 4)), rng.normal(size=(20, 4))
+  fake[:5] = train[:5] + 1e-3  # Copies are memorised.
+  d = lambda q: metrics.nearest_neighbours(train, q)[1]
+  mem, threshold = estimates.memorization_rows(d(test), d(fake))
+  expected = metrics.memorization_rate(train, test, fake)
+  assert mem.mean() == pytest.approx(expected["rate"]) and threshold == expected["threshold"]
+  assert mem[:5].all()
+
+
+def test_estimates_value_and_interval():
+  rng = np.random.default_rng(2)
+  real, fake = rng.normal(size=(60, 3)), rng.normal(1.0, 1, size=(60, 3))
+  labels = np.repeat([0, 1], 30)
+  out = estimates.fd(real, labels, fake, labels, n_boot=50)
+  assert out["value"] == metrics.fid(real, fake) and out["lo"] < out["value"] < out["hi"]
+  est = estimates.mean(np.r_[np.ones(30), np.zeros(30)], labels, n_boot=50)
+  # Stratified: each class keeps its 30 rows, so the mean never moves.
+  assert est == {"value": 0.5, "lo": 0.5, "hi": 0.5}
+  assert np.isnan(estimates.kid(real[:1], None, fake, None, n_boot=5)["value"])
+
+
+def _write_run(workdir, features, labels, pred, nn, reference, seed=0):
+  results = {"evaluator": {"weights_sha1": "e" * 40}, "meta": {
+      "seed": seed, "class_names": ["a", "b"], "groups": {"frequency/tail": ["b"]}}}
+  evaluate.save_features(os.fspath(workdir), 3, results, labels,
+                         {"features": features, "pred": pred, "nn_distance": nn}, reference)
+
+
+def test_paired_comparison_recomputes_from_saved_features(tmp_path):
+  rng = np.random.default_rng(3)
+  n = 60
+  labels = np.repeat([0, 1], n // 2)
+  ref = {"features": rng.normal(size=(n, 4)), "labels": labels, "pred": labels,
+         "nn_distance": rng.uniform(1, 2, n), "records": np.arange(n)}
+  noise = rng.normal(size=(n, 4))  # Shared initial noise: the samples are paired.
+  good, bad = noise, noise * 2.0 + 1.5
+  _write_run(tmp_path / "a", good, labels, labels, rng.uniform(1, 2, n), ref)
+  _write_run(tmp_path / "b", bad, labels, 1 - labels, np.full(n, 0.5), ref)
+  f16 = lambda x: x.astype(np.float16).astype(np.float64)
+  out = compare.paired(tmp_path / "a", tmp_path / "b", "fd", n_boot=100)
+  expected = metrics.fid(f16(ref["features"]), f16(good)) - metrics.fid(f16(ref["features"]),
+                                                                         f16(bad))
+  assert out["diff"] == pytest.approx(expected) and out["verdict"] == "better"
+  assert out["step"] == 3 and out["n"] == n
+  tail = compare.paired(tmp_path / "a", tmp_path / "b", "conditional_accuracy", "b", n_boot=100)
+  assert tail["diff"] == 1.0 and tail["verdict"] == "better" and tail["n"] == n // 2
+  mem = compare.paired(tmp_path / "a", tmp_path / "b", "memorization", "frequency/tail",
+                       n_boot=100)
+  assert mem["diff"] < 0 and mem["verdict"] == "better"  # b copies: every distance is tiny.
+  kid = compare.paired(tmp_path / "a", tmp_path / "b", "kid", n_boot=30)
+  assert kid["diff"] == pytest.approx(metrics.mmd2_unbiased(f16(ref["features"]), f16(good))
+                                      - metrics.mmd2_unbiased(f16(ref["features"]), f16(bad)))
+  _write_run(tmp_path / "c", good, labels, labels, np.ones(n), ref, seed=1)
+  with pytest.raises(ValueError, match="seeds 0 and 1 differ"):
+    compare.paired(tmp_path / "a", tmp_path / "c", "fd")
+  with pytest.raises(ValueError, match="unknown group 'head'"):
+    compare.paired(tmp_path / "a", tmp_path / "b", "fd", "head")
+  with open(tmp_path / "a" / "eval" / "step_000003" / "features.npz", "rb") as f:
+    assert f.read(2) == b"PK"  # A zip: numpy's npz.
+
+
+def test_downstream_training_sets_counts():
+  real = (np.zeros((10, 4, 4, 1), np.uint8), np.array([0] * 8 + [1] * 2))
+  held = (np.ones((4, 4, 4, 1), np.uint8), np.array([0, 0, 1, 1]))
+  synth = (np.full((4, 4, 4, 1), 2, np.uint8), np.array([0, 0, 1, 1]))
+  sets = downstream.training_sets(real, held, synth)
+  assert list(sets) == list(downstream.VARIANTS)
+  count = lambda v: np.bincount(sets[v][1]).tolist()
+  assert count("real") == count("real_balanced") == [8, 2]
+  assert sets["real_balanced"][2] and not sets["real"][2]
+  assert count("real+heldout") == count("real+synthetic") == [10, 4]
+  assert (sets["real+heldout"][0][10:] == 1).all() and (sets["real+synthetic"][0][10:] == 2).all()
+  assert count("synthetic") == [2, 2]
+  assert list(downstream.training_sets(real, held, None)) == list(downstream.GENERATOR_FREE)
+
+
+def test_balanced_batches_draw_classes_uniformly():
+  labels = np.array([0] * 95 + [1] * 5)
+  draw = lambda balanced: np.concatenate(
+      [batches() for batches in [classifier._Batches(0, labels, 0, 64, 0.5, balanced)]
+       for _ in range(50)])
+  assert 0.45 < np.mean(labels[draw(True)] == 1) < 0.55  # Uniform over rows would give 0.05.
+  assert np.mean(labels[draw(False)] == 1) < 0.1
+
+
+def _toy(rng, n):
+  labels = rng.integers(0, 3, n)
+  images = rng.normal(0, 0.3, (n, 8, 8, 1))
+  for i, c in enumerate(labels):
+    images[i, 3 * c:3 * c + 2] += 1.0
+  return np.clip(images, -1, 1).astype(np.float32), labels
+
+
+def test_early_stopping_keeps_the_best_validated_weights():
+  rng = np.random.default_rng(4)
+  x, y = _toy(rng, 120)
+  val = _toy(rng, 60)
+  model = classifier.CNN(3, widths=(4,), convs=1)
+  clf = classifier.train(model, x, y, steps=12, batch_size=16, learning_rate=1e-2, seed=0,
+                         validation=val, validate_every=3, patience=1)
+  h = clf.history
+  curve = dict(h["val_macro_f1"])
+  assert h["best_val_macro_f1"] == max(curve.values()) and curve[h["best_step"]] == max(
+      curve.values())
+  # The returned weights are the best step's: their validation macro-F1 is the recorded one.
+  preds = clf.predict(val[0])
+  f1 = classifier.per_class_f1(val[1], preds, 3)[np.unique(val[1])].mean()
+  assert f1 == pytest.approx(h["best_val_macro_f1"])
+  # Stopped after one validation without improvement, or ran all steps.
+  stops = [s for s, _ in h["val_macro_f1"]]
+  assert h["steps_run"] == stops[-1]
+  assert h["steps_run"] == 12 or curve[stops[-1]] <= curve[stops[-2]]
+  json.dumps(h)  # The record goes into results.json.
