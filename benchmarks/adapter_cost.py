@@ -1,7 +1,7 @@
 r"""Train-step cost of GRASP's K gathered adapters vs one shared adapter vs dense learned-gating MoE.
 
-  python benchmarks/adapter_cost.py            # full: workloads ffn, site, unet (~10 min, 2 cores)
-  python benchmarks/adapter_cost.py --quick    # smoke test, < 1 min
+  python -m benchmarks.adapter_cost            # full: workloads ffn, site, unet (~10 min, 2 cores)
+  python -m benchmarks.adapter_cost --quick    # smoke test, < 1 min
 
 Every row is one compiled train step, `grasp_jax.trainer.loop.train_step` itself (value_and_grad over the
 trainable adapters only, AdamW with lazy per-cluster rows, global-norm clipping), on the same batch
@@ -23,7 +23,7 @@ import dataclasses
 import functools
 import os
 
-import timing
+from benchmarks import timing
 
 
 def _parse():

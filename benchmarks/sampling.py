@@ -1,7 +1,7 @@
 r"""Sampling throughput: images/s of DDIM (UNet) and flow Euler (MMDiT), with and without CFG.
 
-  python benchmarks/sampling.py            # full (~5 min, 2 cores)
-  python benchmarks/sampling.py --quick    # smoke test, < 1 min
+  python -m benchmarks.sampling            # full (~5 min, 2 cores)
+  python -m benchmarks.sampling --quick    # smoke test, < 1 min
 
 Each row is one jitted `diffusion.samplers.sample` call (the whole loop is one lax.scan) producing
 a batch of B images from noise: DDIM 50 steps on the small UNet (models/unet.tiny_config, eps,
@@ -14,7 +14,7 @@ interleaved rounds (timing.interleaved) after compilation and warm-up.
 import argparse
 import os
 
-import timing
+from benchmarks import timing
 
 
 def _parse():

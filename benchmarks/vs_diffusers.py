@@ -1,7 +1,7 @@
 r"""Our Flax UNet train step vs diffusers' PyTorch UNet2DConditionModel train step, one process.
 
-  python benchmarks/vs_diffusers.py            # full: configs tiny and sd (~10 min, 2 cores)
-  python benchmarks/vs_diffusers.py --quick    # smoke test, < 1 min
+  python -m benchmarks.vs_diffusers            # full: configs tiny and sd (~10 min, 2 cores)
+  python -m benchmarks.vs_diffusers --quick    # smoke test, < 1 min
 
 Both sides: full fine-tuning, the eps (MSE) denoising loss on the linear DDPM schedule, AdamW
 (lr 1e-4, weight decay 1e-2, eps 1e-8) with global-norm clipping at 1.0, fp32, the same diffusers
@@ -30,7 +30,7 @@ import glob
 import os
 import re
 
-import timing
+from benchmarks import timing
 
 
 def _parse():

@@ -48,7 +48,6 @@ def get_config(arg=None):
   c.sample.steps = 20 if arg.backbone == "unet" else c.sample.steps
   c.eval.real_per_class = 24
   c.eval.classifier_steps = 150
-  c.eval.domain_per_class = 300
   if arg.smoke:
     if arg.backbone == "unet":  # Fewer blocks: the smoke run is dominated by XLA compiles.
       c.model.base = dict(block_out_channels=[16, 32], down_block_types=[
@@ -66,5 +65,7 @@ def get_config(arg=None):
     c.eval.real_per_class = 2
     c.eval.inception = False
     c.eval.classifier_steps = 2
+    c.eval.evaluator_steps = 2  # Plumbing only: a flagged evaluator.
+    c.eval.n_boot = 10
     c.eval.downstream = False  # Covered by tests/test_evaluate.py; three more compiles here.
   return c

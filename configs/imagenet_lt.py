@@ -2,8 +2,8 @@
 
 Command:
   python -m grasp_jax.main --config=configs/imagenet_lt.py:backbone=dit --workdir=DIR \
-    --config.model.pretrained=/path/to/sd3-pipeline \
-    --config.data.manual_dir=/path/to/imagenet  (ImageNet train/val + ImageNet_LT_*.txt)
+    --config.model.pretrained=/data/weights/stable-diffusion-3-medium-diffusers \
+    --config.data.manual_dir=/data/imagenet  (ImageNet train/val + ImageNet_LT_*.txt)
 Hardware: TPU v4-32 or 2 x 8-GPU hosts (launch/), bf16, 256 px.
 Expected: the mechanism is not tied to medical data (paper); many/medium/few-shot FID reported.
 """

@@ -1,9 +1,11 @@
 """GRASP on MIMIC-CXR-LT (CXR-LT 2022, 19 classes) from a pretrained diffusers pipeline.
 
-Command:
+Command (README "Data preparation" walks from PhysioNet access to this):
+  python -m grasp_jax.data.build mimic_cxr_lt/cxr_lt_2022 --image_size=512 \
+    --manual_dir=/data/mimic --data_dir=/data/tfds      (MIMIC-CXR-JPG 2.0.0 + CXR-LT CSVs)
   python -m grasp_jax.main --config=configs/mimic.py:backbone=unet,method=grasp --workdir=DIR \
-    --config.model.pretrained=/path/to/stable-diffusion-2-base \
-    --config.data.manual_dir=/path/to/mimic  (MIMIC-CXR-JPG 2.0.0 + the CXR-LT label CSVs)
+    --config.model.pretrained=/data/weights/stable-diffusion-2-base \
+    --config.data.data_dir=/data/tfds
   backbone=dit expects an SD3-style pipeline folder (transformer/, vae/, text_encoder*/).
 Hardware: one 8-GPU host or a TPU v4-8 (bf16, batch 64 at 512 px latent 64x64).
 Expected: lower tail-class FID and higher tail coverage than method=full / method=moe
@@ -19,6 +21,9 @@ def get_config(arg=None):
   c.data.name = arg.dataset
   c.data.config = arg.builder_config
   c.data.image_size = arg.resolution
+  # Read (or build) the dataset stored at this resolution: <config>_r<N>, as
+  # `python -m grasp_jax.data.build <name> --image_size=N` writes it.
+  c.data.builder_options = f"resolution={arg.resolution}"
   c.data.channels = 3
   c.data.batch_size = 64
   c.data.train_split = "train"

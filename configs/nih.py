@@ -2,8 +2,8 @@
 
 Command:
   python -m grasp_jax.main --config=configs/nih.py:backbone=unet --workdir=DIR \
-    --config.model.pretrained=/path/to/stable-diffusion-2-base \
-    --config.data.manual_dir=/path/to/nih  (ChestX-ray14 images + nih-lt_single-label_*.csv)
+    --config.model.pretrained=/data/weights/stable-diffusion-2-base \
+    --config.data.manual_dir=/data/nih  (ChestX-ray14 images + nih-lt_single-label_*.csv)
 Hardware: one 8-GPU host or a TPU v4-8.
 Expected: synthetic tail images that raise the downstream DenseNet's macro-F1 on NIH-CXR-LT
 (paper: nonzero F1 on 9/13 shared classes vs 3/13 for full fine-tuning); not reproduced here.

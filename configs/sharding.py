@@ -3,7 +3,7 @@
 Command (memory plan on 8 simulated devices, nothing allocated):
   python -m grasp_jax.main --config=configs/sharding.py:model=sd3_medium,data=2,fsdp=4 \
     --workdir=/tmp/plan --dry_run --dry_run_devices=8
-Training: add --config.model.pretrained=/path/to/stable-diffusion-3-medium-diffusers (or an SD2
+Training: add --config.model.pretrained=/data/weights/stable-diffusion-3-medium-diffusers (or an SD2
 folder for model=sd2_unet) and a dataset (--config.data.name=..., see configs/mimic.py), and launch
 with launch/tpu_vm.sh or launch/gpu_slurm.sbatch. Without `pretrained` the architecture below is
 initialised from scratch (memory planning and tests only: no such weights ship here).

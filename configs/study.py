@@ -18,6 +18,7 @@ import ml_collections as mlc
 
 from configs import common
 from configs import demo
+from grasp_jax.data.builders import fashion_mnist_lt
 
 K = 4  # GRASP's clusters (healthy + frequency), as in the demo.
 RANK = 8
@@ -54,7 +55,10 @@ def get_config(arg=None):
   arg = common.parse_arg(arg, smoke=False, seeds=3, backbones="dit")
   study = mlc.ConfigDict()
   study.backbones = tuple(arg.backbones.split("+"))
-  study.targets = ("target_p0",) if arg.smoke else ("target_p0", "target_p1")
+  study.targets = ("target_small",) if arg.smoke else ("target_p0", "target_p1")
+  # Each target's most frequent class plays the healthy group (its count is No Finding's).
+  study.healthy = {t: fashion_mnist_lt.head_class(fashion_mnist_lt.FashionMnistLt.builder_configs[t])
+                   for t in study.targets}
   study.seeds = tuple(range(arg.seeds))
   study.seeded = SEEDED
   study.lr_grid = {k: (v[1],) if arg.smoke else tuple(v) for k, v in LR_GRID.items()}
@@ -72,6 +76,17 @@ def run_config(backbone, run, smoke=False):
     raise ValueError(f"unknown study run {run!r}; known: {sorted(RUNS)}")
   method, overrides = RUNS[run]
   c = demo.get_config(f"backbone={backbone},method={method},smoke={smoke}")
+  # GRASP's setting: the base learns the balanced source domain; runs adapt it to a long-tailed
+  # target in another domain (the driver sets the target and its healthy class) at natural
+  # frequency.
+  c.model.base_data = mlc.ConfigDict({"config": "source_small" if smoke else "source"})
+  c.data.balance = ""
+  c.eval.evaluator_extra_splits = "val"  # The target's unused images also train the evaluator.
+  if smoke:
+    c.eval.evaluator_steps, c.eval.n_boot = 2, 10  # Plumbing only: a flagged evaluator.
+  else:
+    c.model.base_steps = 1500
+    c.data.batch_size = 32
   c.method = common.method_config(method, num_clusters=overrides.get("partition.k", K),
                                   rank=overrides.get("method.rank", RANK))
   common.with_regularisers(c, coral="diffusion.coral_weight" in overrides)

@@ -101,7 +101,8 @@ def test_config_names_and_errors():
   dataset, config = build.builder_config("nih_cxr_lt", 512)
   assert (dataset, config.name, config.resolution) == ("nih_cxr_lt", "r512", 512)
   _, config = build.builder_config("mimic_cxr_lt/cxr_lt_2023", 128, skip_bad_images=True)
-  assert (config.name, config.resolution, config.skip_bad_images) == ("cxr_lt_2023_r128", 128, True)
+  assert (config.name, config.resolution, config.skip_bad_images) == (
+      "cxr_lt_2023_r128_skip_bad_images", 128, True)
   assert len(config.classes) == 26  # The 2023 release's fields, not the default config's.
   _, same = build.builder_config("imagenet_lt_t2i", 256)  # The config's own size: unchanged.
   assert same is tfds.builder_cls("imagenet_lt_t2i").builder_configs["default"]

@@ -30,6 +30,7 @@ from grasp_jax.evaluation import evaluator
 from grasp_jax.evaluation import inception
 from grasp_jax.evaluation import metrics
 from grasp_jax.run import evaluate
+import writers
 
 SIZE, PER_CLASS = 16, 6
 NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
@@ -64,19 +65,6 @@ class FakeExperiment:
     self.null_cond = {k: v[0] for k, v in self.conditioner.lookup([""]).items()}
 
 
-class Writer:
-  def __init__(self):
-    self.scalars, self.images = {}, {}
-
-  def write_scalars(self, step, scalars):
-    self.scalars[step] = dict(scalars)
-
-  def write_images(self, step, images):
-    self.images[step] = dict(images)
-
-  def flush(self):
-    pass
-
 
 def make_config():
   c = common.base_config()
@@ -110,7 +98,7 @@ def run(tmp_path_factory):
   names, counts = pipeline.dataset_class_counts(builder, "train")
   part = partition_lib.build_partition(names, counts, strategy="healthy", healthy="T-shirt/top")
   exp = FakeExperiment(make_config(), builder, part)
-  workdir, writer = os.fspath(root / "work"), Writer()
+  workdir, writer = os.fspath(root / "work"), writers.MemoryWriter()
   rng = jax.random.key(7)
   results = evaluate.evaluate(exp, {}, {}, workdir, writer, 1, rng=rng)
   fake, fake_y = generate.sample_classes(exp, {}, {}, None, PER_CLASS, rng)
@@ -314,7 +302,7 @@ def test_second_evaluation_keeps_earlier_results_and_cached_evaluator(run):
   fake, fake_y = run["fake"][keep], run["fake_y"][keep]
   file = run["results"]["evaluator"]["file"]
   mtime = os.stat(file).st_mtime_ns
-  results = evaluate.evaluate(exp2, {}, {}, run["workdir"], Writer(), 2, rng=jax.random.key(0),
+  results = evaluate.evaluate(exp2, {}, {}, run["workdir"], writers.MemoryWriter(), 2, rng=jax.random.key(0),
                               samples=(fake, fake_y), real_per_class=2)
   assert os.stat(file).st_mtime_ns == mtime  # Restored, not retrained.
   assert results["evaluator"]["weights_sha1"] == run["results"]["evaluator"]["weights_sha1"]

@@ -21,6 +21,7 @@ from grasp_jax.evaluation import gradient_conflict
 from grasp_jax import partition as partition_lib
 from grasp_jax.models import adapters
 from grasp_jax.models import attention
+import writers
 
 C, K, D, N = 5, 2, 8, 3
 ADAPTER = adapters.AdapterConfig(method="grasp", num_clusters=K, rank=4)
@@ -274,16 +275,6 @@ def test_heatmap_image_is_rgb():
     gradient_conflict.heatmap_image(_hand_matrix(), names[:3])
 
 
-class FakeWriter:
-  def __init__(self):
-    self.scalars, self.images = {}, {}
-
-  def write_scalars(self, step, scalars):
-    self.scalars[step] = dict(scalars)
-
-  def write_images(self, step, images):
-    self.images[step] = dict(images)
-
 
 class FakeExp:
   partition = PART
@@ -308,7 +299,7 @@ def test_run_diagnostics_exact_over_batches_and_summaries(setup):
   s = setup
   batches = [_batch(10, [0, 0, 0, 1, 1, 2, 0, 3]), _batch(11, [4, 0, 1, 1, 2, 2, 2, 0])]
   rng = jax.random.key(7)
-  writer = FakeWriter()
+  writer = writers.MemoryWriter()
   out = gradient_conflict.run_diagnostics(FakeExp(), s["params"], {}, batches, rng, writer, 3)
   json.dumps(out, allow_nan=False)  # JSON-able, NaN mapped to None.
   want = _exact_cos_over_batches(s["params"], batches, rng, "label", C)
@@ -336,7 +327,7 @@ def test_run_diagnostics_sharded_batches_and_clu_writer(setup, tmp_path):
   mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   batches = [_batch(12, [0, 1, 2, 3, 0, 1, 2, 3]), _batch(13, [0, 0, 1, 1, 2, 2, 3, 4])]
   rng = jax.random.key(8)
-  plain = gradient_conflict.run_diagnostics(FakeExp(), s["params"], {}, batches, rng, FakeWriter(), 1)
+  plain = gradient_conflict.run_diagnostics(FakeExp(), s["params"], {}, batches, rng, writers.MemoryWriter(), 1)
   sharded = [jax.device_put(b, NamedSharding(mesh, P("data"))) for b in batches]
   writer = metric_writers.create_default_writer(str(tmp_path), asynchronous=False)
   out = gradient_conflict.run_diagnostics(FakeExp(), s["params"], {}, sharded, rng, writer, 1)

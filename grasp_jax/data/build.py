@@ -15,7 +15,6 @@ TFDS shows a progress bar per split; a built dataset is reused, not rebuilt. The
 split the examples and skipped images (with --skip_bad_images, unreadable images are skipped and
 counted instead of stopping the build), the counts per class and the config fields to train on it.
 """
-import dataclasses
 import os
 from typing import Sequence
 
@@ -23,6 +22,8 @@ from absl import app
 from absl import flags
 import numpy as np
 import tensorflow_datasets as tfds
+
+from grasp_jax.data.builders import base as builders_base
 
 from grasp_jax.data import pipeline
 
@@ -33,35 +34,29 @@ def builder_config(name: str, image_size: int | None = None, *,
                    skip_bad_images: bool = False) -> tuple[str, tfds.core.BuilderConfig]:
   """(dataset name, builder config) for NAME ("nih_cxr_lt", "mimic_cxr_lt/cxr_lt_2023", ...).
 
-  The registered config, or a copy at `image_size` named `<config>_r<size>` and/or with
-  `skip_bad_images` set.
+  The registered config, or a copy with the options set (builders.base.with_options: named
+  after them, e.g. `cxr_lt_2023_r128_skip_bad_images`, so it never replaces the strict build).
   """
   dataset, _, config_name = name.partition("/")
   cls = tfds.builder_cls(dataset)
-  configs = cls.builder_configs
-  if not configs:
-    raise ValueError(f"{dataset} has no builder configs")
-  base = configs[config_name] if config_name in configs else None
-  if base is None and config_name:
-    raise ValueError(f"{dataset} has no config {config_name!r}; its configs are {sorted(configs)}")
-  base = base or cls.BUILDER_CONFIGS[0]
-  fields = {f.name for f in dataclasses.fields(base)}
-  changes = {}
-  if image_size is not None and image_size != getattr(base, "resolution", None):
-    if "resolution" not in fields:
+  base = cls.builder_configs.get(config_name or None) or cls.BUILDER_CONFIGS[0]
+  if config_name and config_name not in cls.builder_configs:
+    raise ValueError(f"{dataset} has no config {config_name!r}; its configs are "
+                     f"{sorted(cls.builder_configs)}")
+  options = {}
+  if image_size is not None:
+    if "resolution" not in getattr(base, "OPTIONS", ()):
       raise ValueError(f"{dataset}/{base.name} has a fixed image size; --image_size is for "
-                       "builders with a `resolution` config field (config.data.image_size "
-                       "resizes its images when loading)")
+                       "builders with a `resolution` option (config.data.image_size resizes its "
+                       "images when loading)")
     if image_size < 1:
       raise ValueError(f"--image_size must be positive, got {image_size}")
-    suffix = f"r{image_size}"
-    changes.update(name=suffix if base.name == "default" else f"{base.name}_{suffix}",
-                   resolution=image_size)
-  if skip_bad_images and not getattr(base, "skip_bad_images", False):
-    if "skip_bad_images" not in fields:
+    options["resolution"] = image_size
+  if skip_bad_images:
+    if "skip_bad_images" not in getattr(base, "OPTIONS", ()):
       raise ValueError(f"{dataset} reads no image files; --skip_bad_images does not apply")
-    changes["skip_bad_images"] = True
-  return dataset, dataclasses.replace(base, **changes) if changes else base
+    options["skip_bad_images"] = True
+  return dataset, builders_base.with_options(cls, base.name, options)
 
 
 def build(name: str, *, data_dir: str | None, manual_dir: str | None = None,

@@ -238,7 +238,6 @@ FIELDS = {
     "eval.fid_mode": one_of(*FID_MODES),
     "eval.classifier_steps": SIZE,
     "eval.classifier_batch_size": SIZE,
-    "eval.domain_per_class": SIZE,  # configs/demo.py still sets it.
     "eval.downstream_val_per_class": SIZE,
     "eval.downstream_test_per_class": COUNT,
     "eval.downstream_validate_every": SIZE,

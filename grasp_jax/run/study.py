@@ -91,6 +91,7 @@ def sweep(study, workdir, backbone, base, families):
       with config.unlocked():
         config.model.pretrained = base
         config.data.config = study.targets[0]
+        config.partition.healthy = study.healthy[study.targets[0]]
         config.data.eval_split = "val"
         config.optim.learning_rate = float(lr)
         config.train.steps = int(study.sweep_steps)
@@ -126,6 +127,7 @@ def run_one(study, workdir, backbone, target, run, seed, base, lrs):
   with config.unlocked():
     config.seed = seed
     config.data.config = target
+    config.partition.healthy = study.healthy[target]
     config.model.pretrained = base
     config.optim.learning_rate = lrs[family(config)]["lr"]
     config.eval.cache_dir = os.path.join(workdir, "cache")
@@ -166,6 +168,9 @@ def main(argv):
   for backbone, target, run, seed in todo:
     if backbone not in bases:
       config = study.runs[backbone][study.compare_to].copy_and_resolve_references()
+      with config.unlocked():
+        config.data.config = study.targets[0]  # The base itself trains on model.base_data.
+        config.partition.healthy = study.healthy[study.targets[0]]
       families = {family(study.runs[b][r]) for b, _, r, _ in todo if b == backbone}
       with lock.hold(os.path.join(FLAGS.workdir, backbone)):
         bases[backbone] = pretrain.pretrain_base(config, os.path.join(FLAGS.workdir, backbone))

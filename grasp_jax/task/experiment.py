@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from grasp_jax import partition as partition_lib
+from grasp_jax.data import build as data_build
 from grasp_jax.data import pipeline
 from grasp_jax.data import prompts
 from grasp_jax.diffusion import objectives
@@ -41,6 +42,9 @@ def prepare_data(config):
     return pipeline.load_builder(name, d.data_dir or None, build=build,
                                  manual_dir=d.manual_dir or None, options=options)
 
+  # A dataset stored at another resolution than the run's is an error naming both, before any
+  # build (a default-size build is never silently resized to the config's size).
+  data_build.check_resolution(load(), d.image_size)
   if distributed.is_primary():  # One writer; the others wait and then read what it built.
     load(build=True)
   distributed.barrier("data_prepared")
