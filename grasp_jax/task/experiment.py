@@ -42,13 +42,14 @@ def prepare_data(config):
     return pipeline.load_builder(name, d.data_dir or None, build=build,
                                  manual_dir=d.manual_dir or None, options=options)
 
-  # A dataset stored at another resolution than the run's is an error naming both, before any
-  # build (a default-size build is never silently resized to the config's size).
-  data_build.check_resolution(load(), d.image_size)
   if distributed.is_primary():  # One writer; the others wait and then read what it built.
     load(build=True)
   distributed.barrier("data_prepared")
-  return load()
+  builder = load()
+  # A dataset stored at another resolution than the run's is an error naming both: it is never
+  # silently resized to the config's size (builder_options=resolution=N builds it at N).
+  data_build.check_resolution(builder, d.image_size)
+  return builder
 
 
 def load_or_build_partition(config, workdir, builder):
