@@ -24,6 +24,7 @@ def get_config(arg=None):
   # Read (or build) the dataset stored at this resolution: <config>_r<N>, as
   # `python -m grasp_jax.data.build <name> --image_size=N` writes it.
   c.data.builder_options = f"resolution={arg.resolution}"
+  c.eval.heldout_per_class = 1000  # Reference + real twin at the default 500 + 500 per class.
   c.data.channels = 3
   c.data.batch_size = 64
   c.data.train_split = "train"

@@ -379,7 +379,7 @@ def test_skip_bad_images_from_load_builder_and_config(tmp_path):
                           options={"resolution": 16})
   config = ml_collections.ConfigDict({"data": {
       "name": "nih_cxr_lt", "config": "", "data_dir": data, "manual_dir": manual,
-      "builder_options": "resolution=16,skip_bad_images=true"}})
+      "builder_options": "resolution=16,skip_bad_images=true", "image_size": 16}})
   builder = experiment.prepare_data(config)
   assert builder.builder_config.name == "r16_skip_bad_images"
   assert builder.info.splits["test"].num_examples == len(rows["test"]) - 1

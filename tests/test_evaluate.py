@@ -302,7 +302,8 @@ def test_second_evaluation_keeps_earlier_results_and_cached_evaluator(run):
   fake, fake_y = run["fake"][keep], run["fake_y"][keep]
   file = run["results"]["evaluator"]["file"]
   mtime = os.stat(file).st_mtime_ns
-  results = evaluate.evaluate(exp2, {}, {}, run["workdir"], writers.MemoryWriter(), 2, rng=jax.random.key(0),
+  results = evaluate.evaluate(exp2, {}, {}, run["workdir"], writers.MemoryWriter(), 2,
+                              rng=jax.random.key(0),
                               samples=(fake, fake_y), real_per_class=2)
   assert os.stat(file).st_mtime_ns == mtime  # Restored, not retrained.
   assert results["evaluator"]["weights_sha1"] == run["results"]["evaluator"]["weights_sha1"]
