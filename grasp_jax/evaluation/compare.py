@@ -89,7 +89,7 @@ def paired(results_dir_a, results_dir_b, metric, group="all", *, step=None, n_bo
   if metric not in DIRECTION:
     raise ValueError(f"metric {metric!r}; expected one of {sorted(DIRECTION)}")
   a, ref = load_run(results_dir_a, step)
-  b, ref_b = load_run(results_dir_b, a["meta"]["step"] if step is None else step)
+  b, ref_b = load_run(results_dir_b, step)  # Each run's latest (a zero-step base has step 0).
   _check_paired(a, b, ref, ref_b)
   members = _members(a["meta"], group)
   s, r = np.isin(a["labels"], members), np.isin(ref["labels"], members)
