@@ -63,7 +63,11 @@ def test_demo_samples_every_class_and_writes_results(demo_run):
   text = json.dumps(entry)
   for group in ("cluster/tail", "frequency/head"):
     assert group in text
-  assert "fid" in text and "coverage" in text and "vendi" in text
+  assert {"fd", "coverage", "floor"} <= set(entry["domain"]["groups"]["frequency/tail"])
+  assert {"irs", "memorization"} <= set(entry["retrieval"]["all"])
+  summary = entry["summary"]  # The end-of-run summary (run/summary.py).
+  assert 0 <= summary["sample_accuracy"] <= 1 and 0 <= summary["evaluator_accuracy_real"] <= 1
+  assert os.path.exists(summary["before_after_grid"]) and summary["seconds"] > 0
 
 
 def test_diagnose_mode_restores_the_checkpoint(demo_run):
