@@ -81,7 +81,7 @@ def test_permutations_differ_and_tail_is_not_just_the_easy_classes():
 
 
 def small(name, **kwargs):
-  return dataclasses.replace(CONFIGS[name], name=f"{name}_small", **kwargs)
+  return dataclasses.replace(CONFIGS[name], name=f"{name}_test", **kwargs)
 
 
 def build(config, data_dir):
