@@ -86,6 +86,8 @@ def base_config():
   c.data.channels = 1
   c.data.batch_size = 32  # Global batch, split over the ('data', 'fsdp') mesh axes.
   c.data.balance = ""  # '', 'class' or 'cluster': re-weighted sampling.
+  # Train on this `python -m grasp_jax.task.precompute` cache (VAE posteriors + text); '' = no.
+  c.data.cache = ""
 
   c.partition = mlc.ConfigDict()
   c.partition.strategy = "healthy+frequency"
@@ -100,6 +102,9 @@ def base_config():
   c.model.pretrained = ""  # A diffusers model folder; '' -> the demo's own pretrained base.
   c.model.dtype = "float32"  # Compute dtype ('bfloat16' on accelerators); params stay fp32.
   c.model.remat = False
+  # Storage dtype of the frozen params on device (backbone base, VAE, text encoders): 'float32',
+  # 'bfloat16' or 'float16' halves them; trainables and optimizer state stay float32.
+  c.model.frozen_dtype = "float32"
   # A diffusers AutoencoderKL folder for latent diffusion; '' -> <pretrained>/vae when that
   # exists, else pixel space.
   c.model.vae = ""
@@ -112,13 +117,16 @@ def base_config():
   c.model.base_learning_rate = 3e-4
 
   c.text = mlc.ConfigDict()
-  # 'minilm' (bundled), 'pipeline' (the CLIP text encoders of model.pretrained), or a diffusers
-  # pipeline / transformers CLIP text-encoder folder. See grasp_jax/conditioning.py.
+  # 'minilm' (bundled), 'pipeline' (the text encoders of model.pretrained), or a diffusers
+  # pipeline / transformers CLIP text-encoder folder. See grasp_jax/inference/conditioning.py.
   c.text.encoder = "minilm"
   c.text.max_length = 77
   c.text.cache = True  # Encode each distinct prompt once and keep it (False: every batch).
   c.text.cache_dtype = "float16"  # Cache precision for pipeline encoders (MiniLM keeps float32).
-  c.text.t5_length = 256  # SD3: zero T5 tokens (diffusers' max_sequence_length).
+  # SD3's T5 tokens: 'encoder' (text_encoder_3), 'zeros' (diffusers' text_encoder_3=None), or
+  # '' = 'encoder' when the pipeline folder has a text_encoder_3, else 'zeros'.
+  c.text.t5 = ""
+  c.text.t5_length = 256  # SD3: T5 tokens per prompt (diffusers' max_sequence_length).
 
   c.method = method_config("grasp", num_clusters=4)
 
@@ -154,6 +162,10 @@ def base_config():
   c.train.checkpoint_every = 500
   c.train.keep_checkpoints = 3
   c.train.ema_decay = 0.0  # 0 = no EMA of trainables.
+  # Micro-batches per step: data.batch_size stays the global batch of one optimizer update; its
+  # gradient is accumulated over this many micro-batches of batch_size / N (activations per
+  # micro-batch). The mean gradient, LR schedule and checkpoint steps do not depend on N.
+  c.train.grad_accum_steps = 1
   c.train.nan_policy = "stop"  # 'stop' or 'skip' a step whose loss/grads are not finite.
   c.train.sample_every = 0  # Per-cluster sample grids; 0 = only at the end.
   c.train.diagnostics_every = 0  # Gradient-conflict diagnostics; 0 = off.

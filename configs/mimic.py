@@ -58,5 +58,8 @@ def get_config(arg=None):
   c.train.diagnostics_every = 2000
   c.mesh.data = -1
   c.eval.real_per_class = 500
+  # The downstream classifiers' real training images, held in host memory (at 512 px 19 x 500 x
+  # 0.75 MB = 7 GB); retrieval (IRS, memorisation) streams the whole train split's features.
+  c.eval.train_per_class = 500
   c.sample.per_class = 500
   return c

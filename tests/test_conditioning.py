@@ -1,5 +1,6 @@
 """Pipeline text conditioning vs diffusers' own `encode_prompt`, and the latent codec vs
-diffusers' AutoencoderKL, on tiny random SD / SDXL / SD3 pipelines saved with `save_pretrained`.
+diffusers' AutoencoderKL, on tiny random SD / SDXL / SD3 (without and with T5) pipelines saved
+with `save_pretrained`.
 
 `save_tiny_pipeline(folder, kind)` is also what tests/test_pipeline_e2e.py trains from.
 """
@@ -10,6 +11,8 @@ import jax
 import ml_collections as mlc
 import numpy as np
 import pytest
+import tokenizers
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
 from grasp_jax.inference import conditioning
 from grasp_jax.inference import latents
@@ -71,6 +74,37 @@ def _clip(hidden, projection=None, legacy_eos=False, act="gelu"):
   return _perturb_norms(cls(config))
 
 
+# SD3's tokenizer_3 in miniature: a unigram model over metaspace pieces (word pieces, letters,
+# a few symbols; digits are unknown), '<pad>' 0, '</s>' 1, '<unk>' 2, '$A </s>' post-processing.
+T5_PIECES = (["▁the", "▁cat", "▁a", "▁photo", "▁of", "▁x", "ray", "▁caf", "é", "-", ":", "!", "▁"]
+             + list("abcdefghijklmnopqrstuvwxyz"))
+T5_PROMPTS = ["a cat <extra_id_1> 42"]  # a sentinel token and unknown characters
+
+
+def _t5_tokenizer():
+  """transformers' T5TokenizerFast on a tokenizers unigram model (no sentencepiece, no hub)."""
+  vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [
+      (p, -1.0 - 0.1 * i) for i, p in enumerate(T5_PIECES)]
+  tok = tokenizers.Tokenizer(models.Unigram(vocab, unk_id=2))
+  tok.normalizer = normalizers.Sequence(
+      [normalizers.NFKC(), normalizers.Replace(tokenizers.Regex(" {2,}"), " ")])
+  tok.pre_tokenizer = pre_tokenizers.Sequence(
+      [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace()])
+  tok.decoder = decoders.Metaspace()
+  tok.post_processor = processors.TemplateProcessing(
+      single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+  return transformers.T5TokenizerFast(tokenizer_object=tok, extra_ids=2, model_max_length=512)
+
+
+def _t5(width, vocab_size):
+  """A tiny t5-v1_1-style encoder (gated gelu); few buckets so 256 tokens reach the far ones."""
+  config = transformers.T5Config(
+      vocab_size=vocab_size, d_model=width, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+      relative_attention_num_buckets=8, relative_attention_max_distance=20,
+      feed_forward_proj="gated-gelu")
+  return _perturb_norms(transformers.T5EncoderModel(config))
+
+
 def _vae(latent_channels, **kwargs):
   """Downsamples by 8 (4 blocks); the log-variance is shifted so the posterior std is ~e^-1."""
   vae = diffusers.AutoencoderKL(
@@ -85,7 +119,8 @@ def _vae(latent_channels, **kwargs):
 
 
 def save_tiny_pipeline(folder, kind="sd", seed=0):
-  """A random tiny diffusers pipeline ('sd', 'sdxl' or 'sd3') saved in `folder`; returns it."""
+  """A random tiny diffusers pipeline ('sd', 'sdxl', 'sd3' or 'sd3_t5': SD3 with its T5
+  text_encoder_3 + tokenizer_3) saved in `folder`; returns it."""
   folder = str(folder)
   torch.manual_seed(seed)
   tmp = folder + "_vocab"
@@ -116,7 +151,8 @@ def save_tiny_pipeline(folder, kind="sd", seed=0):
         text_encoder_2=_clip(40, projection=24), tokenizer=_tokenizer(tmp, "<|endoftext|>"),
         tokenizer_2=_tokenizer(tmp, "!"), unet=_perturb_norms(unet),
         scheduler=diffusers.EulerDiscreteScheduler(beta_schedule="scaled_linear"))
-  elif kind == "sd3":
+  elif kind in ("sd3", "sd3_t5"):
+    t5_tokenizer = _t5_tokenizer() if kind == "sd3_t5" else None
     transformer = diffusers.SD3Transformer2DModel(
         sample_size=IMAGE_SIZE // 8, patch_size=1, in_channels=16, out_channels=16,
         num_layers=1, attention_head_dim=8, num_attention_heads=2, joint_attention_dim=96,
@@ -128,7 +164,8 @@ def save_tiny_pipeline(folder, kind="sd", seed=0):
                  use_post_quant_conv=False),
         text_encoder=_clip(32, projection=24), tokenizer=_tokenizer(tmp, "<|endoftext|>"),
         text_encoder_2=_clip(40, projection=20), tokenizer_2=_tokenizer(tmp, "!"),
-        text_encoder_3=None, tokenizer_3=None)
+        text_encoder_3=_t5(96, len(t5_tokenizer) + 3) if t5_tokenizer else None,
+        tokenizer_3=t5_tokenizer)
   else:
     raise ValueError(kind)
   pipe.save_pretrained(folder)
@@ -138,7 +175,8 @@ def save_tiny_pipeline(folder, kind="sd", seed=0):
 @pytest.fixture(scope="module")
 def pipelines(tmp_path_factory):
   root = tmp_path_factory.mktemp("pipelines")
-  return {k: (str(root / k), save_tiny_pipeline(root / k, k)) for k in ("sd", "sdxl", "sd3")}
+  return {k: (str(root / k), save_tiny_pipeline(root / k, k))
+          for k in ("sd", "sdxl", "sd3", "sd3_t5")}
 
 
 def _close(ours, ref, atol=1e-5):
@@ -220,6 +258,78 @@ def test_sd3_matches_encode_prompt(pipelines):
   assert cond.cache.tables["context"].shape == (len(set(PROMPTS)), 77, 72)
 
 
+@pytest.fixture(scope="module")
+def sd3_t5(pipelines):
+  """The T5 pipeline's folder and diffusers' pipeline read back from it (tokenizer_3 included)."""
+  folder, _ = pipelines["sd3_t5"]
+  return folder, diffusers.StableDiffusion3Pipeline.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("t5_length", [256, 12])  # 12 truncates the long prompt
+def test_sd3_t5_matches_encode_prompt(sd3_t5, t5_length):
+  folder, pipe = sd3_t5
+  prompts = PROMPTS + T5_PROMPTS
+  cond = conditioning.pipeline_conditioner(folder, t5_length=t5_length, cache_dtype="float32")
+  out = cond.lookup(prompts)
+  with torch.no_grad():
+    ref, ref_null, ref_pooled, _ = pipe.encode_prompt(
+        prompts, None, None, device="cpu", do_classifier_free_guidance=True,
+        max_sequence_length=t5_length)
+  assert out["context"].shape == (len(prompts), 77 + t5_length, 96)
+  assert np.abs(ref[:, 77:].numpy()).min(axis=-1).max() > 0  # T5's states, not zeros
+  _close(out["context"], ref, atol=1e-4)
+  _close(out["pooled"], ref_pooled, atol=1e-4)
+  _close(cond.null_condition()["context"], ref_null[0], atol=1e-4)
+  # T5's states are cached unpadded next to the CLIP part.
+  n = len(set(prompts))
+  assert {k: v.shape for k, v in cond.cache.tables.items()} == {
+      "context": (n, 77, 72), "pooled": (n, 44), "t5": (n, t5_length, 96)}
+
+
+def test_sd3_t5_zeros_mode(pipelines, tmp_path):
+  """t5='zeros' on a folder with T5: diffusers' text_encoder_3=None path; its cache file is
+  refused by the T5 mode."""
+  folder, _ = pipelines["sd3_t5"]
+  cond = conditioning.pipeline_conditioner(folder, t5="zeros", cache_dtype="float32")
+  zeros = cond.lookup(PROMPTS)
+  cond.save(str(tmp_path / "c.npz"))
+  with pytest.raises(ValueError, match="delete it"):
+    conditioning.pipeline_conditioner(folder, cache_dtype="float32",
+                                      cache_path=str(tmp_path / "c.npz"))
+  pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None,
+                                                            tokenizer_3=None)
+  with torch.no_grad():
+    ref, _, ref_pooled, _ = pipe.encode_prompt(PROMPTS, None, None, device="cpu",
+                                               do_classifier_free_guidance=False)
+  _close(zeros["context"], ref)
+  _close(zeros["pooled"], ref_pooled)
+  assert not zeros["context"][:, 77:].any()
+
+
+def test_frozen_dtype_stores_rounded_params(pipelines):
+  """bfloat16 storage: every text encoder's params are bfloat16 on device, and the embeddings
+  equal diffusers' with its params rounded to bfloat16 (computed in float32)."""
+  folder, _ = pipelines["sd3_t5"]
+  encoder = conditioning.PipelineTextEncoder(folder, t5_length=12, frozen_dtype="bfloat16")
+  leaves = jax.tree.leaves([e.params for e in encoder.encoders + [encoder.t5]])
+  assert leaves and {x.dtype for x in leaves} == {np.dtype("bfloat16")}
+  assert encoder.tag == "sd3+t5x12"
+  out = encoder.complete(encoder(PROMPTS))
+  pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(folder)
+  with torch.no_grad():
+    full, _, _, _ = pipe.encode_prompt(PROMPTS, None, None, device="cpu",
+                                       do_classifier_free_guidance=False, max_sequence_length=12)
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+      for p in getattr(pipe, name).parameters():
+        p.copy_(p.to(torch.bfloat16).float())
+    ref, _, ref_pooled, _ = pipe.encode_prompt(PROMPTS, None, None, device="cpu",
+                                               do_classifier_free_guidance=False,
+                                               max_sequence_length=12)
+  _close(out["context"], ref, atol=1e-4)
+  _close(out["pooled"], ref_pooled, atol=1e-4)
+  assert np.abs(out["context"] - full.numpy()).max() > 1e-3  # the rounding is there
+
+
 def test_kind_and_errors(pipelines, tmp_path):
   assert [conditioning.pipeline_kind(pipelines[k][0]) for k in ("sd", "sdxl", "sd3")] == [
       "sd", "sdxl", "sd3"]
@@ -229,6 +339,13 @@ def test_kind_and_errors(pipelines, tmp_path):
     conditioning.pipeline_conditioner(pipelines["sdxl"][0])
   with pytest.raises(ValueError, match="cache_dtype"):
     conditioning.pipeline_conditioner(pipelines["sd"][0], cache_dtype="int8")
+  for kind in ("sd", "sd3"):  # asked for T5 where there is none
+    with pytest.raises(ValueError, match="text_encoder_3"):
+      conditioning.pipeline_conditioner(pipelines[kind][0], t5="encoder")
+  with pytest.raises(ValueError, match="config.text.t5"):
+    conditioning.pipeline_conditioner(pipelines["sd3_t5"][0], t5="xxl")
+  assert [conditioning.t5_mode(pipelines[k][0]) for k in ("sd3", "sd3_t5")] == ["zeros",
+                                                                                  "encoder"]
 
 
 # --- latent codec -------------------------------------------------------------------------------

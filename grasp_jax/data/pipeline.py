@@ -9,6 +9,9 @@ Batches are dicts of numpy arrays:
   prompt      str [B]       text condition
   id          str [B]       source identifier
   index       int64 [B]     record index in the split (a key for cached text/latent features)
+From a precomputed cache (`cache=DIR`, data/precompute.py) instead of image and prompt:
+  latent_mean, latent_logvar  float32 [B, h, w, c]  each image's VAE posterior (unscaled)
+  context, pooled, ...        float32 [B, ...]      its prompt's condition (Conditioner.lookup)
 
 Order. A single global stream of record indices is a function of (seed, split size) only:
 shuffled per epoch (a fresh permutation each epoch), in file order (shuffle=False), or drawn
@@ -39,6 +42,7 @@ from etils import epath
 from tensorflow_datasets.proto import tf_example_pb2
 
 import grasp_jax.data.builders  # pylint: disable=unused-import  (registers the builders)
+from grasp_jax.data import precompute
 from grasp_jax.data.builders import base
 
 BALANCE = (None, "class", "cluster")
@@ -219,6 +223,29 @@ class LoadExample:
     }
 
 
+class LoadCached:
+  """Record index -> the cached example (precompute.CacheReader) with its cluster id."""
+
+  def __init__(self, reader: precompute.CacheReader, clusters: np.ndarray):
+    self._reader, self._clusters = reader, clusters
+
+  def __call__(self, index: int) -> dict[str, Any]:
+    return {**self._reader[index], "cluster_id": np.int32(self._clusters[index]),
+            "index": np.int64(index)}
+
+
+def read_examples(builder: tfds.core.DatasetBuilder, split: str, start: int, stop: int, *,
+                  batch_size: int, image_size: int | None = None, channels: int | None = None,
+                  num_threads: int = 8, prefetch_batches: int = 8) -> grain.IterDataset:
+  """Batches of the records [start, stop) of `split` in order (the last one partial), cluster
+  ids 0: what the precompute command encodes."""
+  source = _raw_source(builder, split)
+  load = LoadExample(source, np.zeros(len(source), np.int32), image_size, channels)
+  batches = grain.MapDataset.range(start, stop).map(load).batch(batch_size)
+  return batches.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                                   prefetch_buffer_size=prefetch_batches))
+
+
 def make_dataset(builder: str | tfds.core.DatasetBuilder, split: str,
                  data_dir: str | None = None, *, batch_size: int,
                  image_size: int | None = None, channels: int | None = None,
@@ -226,7 +253,7 @@ def make_dataset(builder: str | tfds.core.DatasetBuilder, split: str,
                  shuffle: bool = True, num_epochs: int | None = None, balance: str | None = None,
                  shard_index: int | None = None, shard_count: int | None = None,
                  drop_remainder: bool = True, num_threads: int = 8,
-                 prefetch_batches: int = 8) -> grain.IterDataset:
+                 prefetch_batches: int = 8, cache: str | None = None) -> grain.IterDataset:
   """A grain IterDataset of batches (module docstring); `iter()` it for a checkpointable iterator.
 
   Args:
@@ -245,6 +272,8 @@ def make_dataset(builder: str | tfds.core.DatasetBuilder, split: str,
     shard_index, shard_count: this process and the number of processes (default: JAX's).
     drop_remainder: drop a last partial batch (and cut the stream evenly across processes).
     num_threads, prefetch_batches: grain read options.
+    cache: a precomputed cache of `split` (data/precompute.py): its rows replace image and
+      prompt (module docstring); the order and the cluster ids are as without it.
   """
   if balance not in BALANCE:
     raise ValueError(f"balance must be one of {BALANCE}, got {balance!r}")
@@ -287,7 +316,14 @@ def make_dataset(builder: str | tfds.core.DatasetBuilder, split: str,
   if drop_remainder and len(stream) < sys.maxsize:
     stream = stream[:len(stream) // (batch_size * shard_count) * batch_size * shard_count]
   stream = stream[shard_index::shard_count]
-  batches = stream.map(LoadExample(source, clusters, image_size, channels)).batch(
-      batch_size, drop_remainder=drop_remainder)
+  if cache:
+    reader = precompute.CacheReader(cache)
+    if len(reader) != n:
+      raise ValueError(f"cache {cache} holds {len(reader)} examples, split {split!r} of "
+                       f"{builder.name} has {n}")
+    load = LoadCached(reader, clusters)
+  else:
+    load = LoadExample(source, clusters, image_size, channels)
+  batches = stream.map(load).batch(batch_size, drop_remainder=drop_remainder)
   return batches.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                                    prefetch_buffer_size=prefetch_batches))

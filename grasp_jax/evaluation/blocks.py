@@ -67,10 +67,10 @@ def retrieval_block(train, train_y, real_y, real_nn, fake, fake_y, fake_nn, twin
   rate (nearest-training-image distances `*_nn` to the whole train set, below the `percentile`-th
   percentile of the entry's reference images' ones), with the real twin's values as floors."""
   def irs(x, y, members):
-    m = np.isin(y, members)
-    if not m.any():
+    m, pool = np.isin(y, members), np.isin(train_y, members)
+    if not m.any() or not pool.any():  # No samples, or a class without training images.
       return None
-    r = metrics.irs(train[np.isin(train_y, members)], x[m])
+    r = metrics.irs(train[pool], x[m])
     return {"value": r.pop("irs"), "lo": r.pop("irs_lo"), "hi": r.pop("irs_hi"), **r}
 
   def memorization(distance, y, members, threshold):

@@ -4,9 +4,9 @@
 
   'minilm'    the bundled sentence encoder (the demo): context = the unit sentence embedding as a
               single token [1, 384], pooled = the same vector.
-  'pipeline'  the CLIP text encoder(s) of the diffusers folder `config.model.pretrained`, fed to
-              the denoiser as the diffusers 0.39 pipelines' `encode_prompt` does (no clip_skip, no
-              attention mask, prompts padded/truncated to the tokenizer's 77 tokens):
+  'pipeline'  the text encoders of the diffusers folder `config.model.pretrained`, fed to the
+              denoiser as the diffusers 0.39 pipelines' `encode_prompt` does (no clip_skip, no
+              attention mask, CLIP prompts padded/truncated to the tokenizer's 77 tokens):
     SD 1.x/2.x  (text_encoder) context = last_hidden_state [77, D]; pooled = its pooled_output
                 [D] (carried along, unused by the UNet).
     SDXL        (text_encoder + text_encoder_2) context = both penultimate hidden states
@@ -16,11 +16,14 @@
                 `added_cond_kwargs={'text_embeds': pooled, 'time_ids': time_ids}`. The
                 unconditional input is all zeros when the pipeline has
                 `force_zeros_for_empty_prompt` (SDXL's default), as at SDXL inference.
-    SD3         (text_encoder, text_encoder_2: CLIP-L/G with projection) context = both
-                penultimate states concatenated, zero-padded to the transformer's
-                joint_attention_dim, then `t5_length` (256) zero tokens where T5 would go: the
-                T5 encoder is not ported, so this is diffusers' `text_encoder_3=None` path,
-                [77 + 256, joint_attention_dim]; pooled = both text_embeds concatenated.
+    SD3         (text_encoder, text_encoder_2: CLIP-L/G with projection; text_encoder_3: T5)
+                context = both penultimate states concatenated, zero-padded to T5's width
+                (= the transformer's joint_attention_dim), then T5's last_hidden_state of the
+                prompt tokenized to `t5_length` tokens (diffusers' max_sequence_length, 256):
+                [77 + t5_length, joint_attention_dim]; pooled = both text_embeds concatenated.
+                `config.text.t5`: 'encoder' (the default when the folder has text_encoder_3)
+                or 'zeros': `t5_length` zero tokens, diffusers' `text_encoder_3=None` path
+                (SD3 was trained with T5 dropped at times; saves T5-XXL's 4.7B params).
   a path      a diffusers pipeline folder (as 'pipeline'), or one transformers CLIP text-encoder
               folder (SD 1.x convention; tokenizer in the folder or its `tokenizer` sibling).
 
@@ -28,9 +31,13 @@ Cache. Each distinct prompt is encoded once; its rows are kept in a `TextEmbeddi
 `config.text.cache_dtype` (float16 by default; MiniLM rows stay float32) and returned as float32.
 Only the prompt-dependent part is stored (SD3's zero padding and SDXL's time ids are added at
 lookup), so per 10k distinct prompts in float16 the cache holds: SD 1.x 1.2 GB, SD 2.x 1.6 GB,
-SDXL 3.2 GB, SD3 3.2 GB (the padded SD3 context would be 27 GB). Free-text prompts (MIMIC-CXR
-impressions, ~100k distinct) therefore want `config.text.cache=False`, which re-encodes every
-batch (one CLIP forward per batch, small next to the backbone's step).
+SDXL 3.2 GB, SD3 3.2 GB with zero T5 tokens, 24 GB with T5 (its 256 x 4096 states add 21 GB).
+Many distinct prompts (MIMIC-CXR impressions, ~100k) therefore want
+`config.text.cache=False`, which re-encodes every batch (small next to the backbone's step for
+CLIP; T5-XXL's forward is not small).
+
+Frozen params. `frozen_dtype` (config.model.frozen_dtype) is the storage dtype of the text
+encoders' params (bfloat16 halves T5-XXL's 19 GB); they compute in float32 either way.
 """
 import json
 import os
@@ -100,32 +107,56 @@ def pipeline_kind(folder):
                    "(no text_encoder/ or text_encoder_2/ subfolder)")
 
 
+T5_MODES = ("", "zeros", "encoder")
+
+
+def t5_mode(folder, t5=""):
+  """'encoder' or 'zeros': where a pipeline's T5 tokens come from (see the module docstring).
+
+  t5: config.text.t5; '' -> 'encoder' when the folder has text_encoder_3/, else 'zeros'.
+  """
+  if t5 not in T5_MODES:
+    raise ValueError(f"config.text.t5={t5!r}: expected one of {T5_MODES}")
+  has_t5 = os.path.isdir(os.path.join(folder, "text_encoder_3"))
+  if t5 == "encoder" and not has_t5:
+    raise ValueError(f"config.text.t5='encoder': {folder} has no text_encoder_3/ (T5); use "
+                     "t5='zeros' for zero T5 tokens, or an SD3 pipeline folder with T5")
+  return t5 or ("encoder" if has_t5 else "zeros")
+
+
 class PipelineTextEncoder:
-  """The CLIP text encoder(s) of a diffusers pipeline folder (see the module docstring).
+  """The text encoders of a diffusers pipeline folder (see the module docstring).
 
   `__call__(prompts)` -> the prompt-dependent rows (float32 numpy): {'context': [N, 77, D],
-  'pooled': [N, P]}; `complete(rows)` -> the backbone's inputs (SD3 padding, SDXL time_ids).
-  image_size: SDXL's training resolution (its time_ids). t5_length: SD3's zero T5 tokens
-  (diffusers' `max_sequence_length`).
+  'pooled': [N, P]} (+ 't5': [N, t5_length, joint_dim] for SD3 with T5); `complete(rows)` ->
+  the backbone's inputs (SD3's padded context, SDXL's time_ids). image_size: SDXL's training
+  resolution (its time_ids). t5, t5_length: SD3's T5 mode and tokens (diffusers'
+  `max_sequence_length`). frozen_dtype: the params' storage dtype. `tag` names what the rows
+  hold: the kind, and T5's length when used.
   """
 
-  def __init__(self, folder, *, image_size=None, t5_length=256, batch_size=64):
+  def __init__(self, folder, *, image_size=None, t5="", t5_length=256, frozen_dtype="float32",
+               batch_size=64):
     folder = str(folder)
     self.folder, self.kind = folder, pipeline_kind(folder)
+    mode = t5_mode(folder, t5)
     slots = [s for s in _CLIP_SLOTS if os.path.isdir(os.path.join(folder, s))]
     if self.kind == "sd":
       slots = ["text_encoder"]
     elif self.kind == "sd3" and slots != list(_CLIP_SLOTS):
       raise ValueError(f"{folder}: an SD3 pipeline needs text_encoder/ and text_encoder_2/ "
                        f"(found {slots})")
-    self.encoders = [encoders.load_clip_text_encoder(os.path.join(folder, s), batch_size=batch_size)
+    self.encoders = [encoders.load_clip_text_encoder(os.path.join(folder, s),
+                                                     batch_size=batch_size,
+                                                     param_dtype=frozen_dtype)
                      for s in slots]
     for slot, enc in zip(slots, self.encoders):
       if slot in _PROJECTED[self.kind] and enc.module.config.projection_dim is None:
         raise ValueError(f"{folder}/{slot}: a {self.kind} pipeline needs a "
                          "CLIPTextModelWithProjection here (its text_embeds are the pooled "
                          "condition)")
-    self.time_ids = self.joint_dim = None
+    self.time_ids = self.joint_dim = self.t5 = None
+    self.tag = self.kind
     if self.kind == "sdxl":
       if not image_size:
         raise ValueError("an SDXL pipeline needs image_size (the pixel resolution of its "
@@ -140,9 +171,19 @@ class PipelineTextEncoder:
       if width > self.joint_dim:
         raise ValueError(f"{folder}: CLIP widths sum to {width} > transformer "
                          f"joint_attention_dim {self.joint_dim}")
-      if os.path.isdir(os.path.join(folder, "text_encoder_3")):
-        logging.warning("%s/text_encoder_3 (T5) is not used: its tokens are zeros, as in "
-                        "diffusers with text_encoder_3=None", folder)
+      if mode == "encoder":
+        if self.t5_length < 1:
+          raise ValueError(f"config.text.t5_length={t5_length}: T5 needs at least one token")
+        self.t5 = encoders.load_t5_text_encoder(
+            os.path.join(folder, "text_encoder_3"), self.t5_length, batch_size=batch_size,
+            param_dtype=frozen_dtype)
+        if self.t5.module.config.d_model != self.joint_dim:
+          raise ValueError(f"{folder}: T5 width {self.t5.module.config.d_model} != transformer "
+                           f"joint_attention_dim {self.joint_dim}")
+        self.tag = f"sd3+t5x{self.t5_length}"
+      elif os.path.isdir(os.path.join(folder, "text_encoder_3")):
+        logging.info("%s/text_encoder_3 (T5) is not used (config.text.t5='zeros'): its tokens "
+                     "are zeros, as in diffusers with text_encoder_3=None", folder)
 
   @property
   def zero_null(self):
@@ -154,14 +195,18 @@ class PipelineTextEncoder:
                 if os.path.exists(index) else True)
 
   def __call__(self, prompts):
-    outs = [enc(list(prompts)) for enc in self.encoders]
+    prompts = list(prompts)
+    outs = [enc(prompts) for enc in self.encoders]
     if self.kind == "sd":
       return {"context": outs[0]["last_hidden_state"], "pooled": outs[0]["pooled_output"]}
     context = np.concatenate([o["penultimate_hidden_state"] for o in outs], axis=-1)
     if self.kind == "sdxl":
       return {"context": context, "pooled": outs[-1]["text_embeds"]}
-    return {"context": context,
+    rows = {"context": context,
             "pooled": np.concatenate([o["text_embeds"] for o in outs], axis=-1)}
+    if self.t5 is not None:
+      rows["t5"] = self.t5(prompts)["last_hidden_state"]
+    return rows
 
   def complete(self, rows):
     out = _as_float32(rows)
@@ -172,11 +217,14 @@ class PipelineTextEncoder:
       clip = out["context"]
       out["context"] = np.zeros((n, clip.shape[1] + self.t5_length, self.joint_dim), np.float32)
       out["context"][:, :clip.shape[1], :clip.shape[2]] = clip
+      if "t5" in out:
+        out["context"][:, clip.shape[1]:] = out.pop("t5")
     return out
 
 
-def pipeline_conditioner(folder, *, image_size=None, t5_length=256, cache=True,
-                         cache_dtype="float16", cache_path=None, batch_size=64):
+def pipeline_conditioner(folder, *, image_size=None, t5="", t5_length=256,
+                         frozen_dtype="float32", cache=True, cache_dtype="float16",
+                         cache_path=None, batch_size=64):
   """A Conditioner for a diffusers pipeline folder (or one CLIP text-encoder folder).
 
   cache: keep each prompt's rows (in `cache_dtype`); cache_path: an .npz to start from when it
@@ -184,7 +232,11 @@ def pipeline_conditioner(folder, *, image_size=None, t5_length=256, cache=True,
   """
   folder = str(folder).rstrip("/")
   if os.path.exists(os.path.join(folder, "config.json")):  # One transformers CLIP folder.
-    clip = encoders.load_clip_text_encoder(folder, batch_size=batch_size)
+    if t5 == "encoder":
+      raise ValueError(f"config.text.t5='encoder': {folder} is one CLIP text encoder, not an "
+                       "SD3 pipeline folder with text_encoder_3/")
+    clip = encoders.load_clip_text_encoder(folder, batch_size=batch_size,
+                                           param_dtype=frozen_dtype)
 
     def encode(prompts):
       out = clip(list(prompts))
@@ -192,10 +244,10 @@ def pipeline_conditioner(folder, *, image_size=None, t5_length=256, cache=True,
 
     complete, zero_null, kind = _as_float32, False, "clip"
   else:
-    encoder = PipelineTextEncoder(folder, image_size=image_size, t5_length=t5_length,
-                                  batch_size=batch_size)
+    encoder = PipelineTextEncoder(folder, image_size=image_size, t5=t5, t5_length=t5_length,
+                                  frozen_dtype=frozen_dtype, batch_size=batch_size)
     encode, complete, zero_null, kind = (encoder, encoder.complete, encoder.zero_null,
-                                         encoder.kind)
+                                         encoder.tag)
   if not cache:
     return Conditioner(encode, complete, None, zero_null)
   if str(cache_dtype) not in ("float16", "float32"):
@@ -210,6 +262,8 @@ def pipeline_conditioner(folder, *, image_size=None, t5_length=256, cache=True,
                        "config.text.cache_dtype='float32'")
     return rows
 
+  if str(frozen_dtype) != "float32":  # Rounded params give other rows.
+    kind += f"@{frozen_dtype}"
   tag = f"{kind}:{os.path.abspath(folder)}:{dtype.name}"
   store = (text_cache.TextEmbeddingCache.load(cache_path, encode_for_cache, tag=tag, missing_ok=True)
            if cache_path else text_cache.TextEmbeddingCache(encode_for_cache, tag=tag))
@@ -242,6 +296,9 @@ def load_conditioner(config, workdir):
   t = config.text
   cache_path = os.path.join(workdir, "text_cache.npz") if workdir else None
   if t.encoder == "minilm":
+    if t.t5 == "encoder":
+      raise ValueError("config.text.t5='encoder' needs config.text.encoder='pipeline' (an SD3 "
+                       "pipeline with text_encoder_3/), not 'minilm'")
     return minilm_conditioner(t.cache, cache_path)
   folder = config.model.pretrained if t.encoder == "pipeline" else t.encoder
   if not folder:
@@ -249,6 +306,6 @@ def load_conditioner(config, workdir):
                      "config.model.pretrained, which is empty")
   if not os.path.isdir(folder):
     raise FileNotFoundError(f"config.text.encoder: {folder!r} is not a folder")
-  return pipeline_conditioner(folder, image_size=config.data.image_size,
-                              t5_length=t.t5_length, cache=t.cache, cache_dtype=t.cache_dtype,
-                              cache_path=cache_path)
+  return pipeline_conditioner(folder, image_size=config.data.image_size, t5=t.t5,
+                              t5_length=t.t5_length, frozen_dtype=config.model.frozen_dtype,
+                              cache=t.cache, cache_dtype=t.cache_dtype, cache_path=cache_path)

@@ -1,6 +1,6 @@
 """Latent diffusion: a frozen AutoencoderKL between the data's images and the backbone's samples.
 
-  codec = load_codec(config)                  # None in pixel space
+  codec = load_codec(vae_folder(config), param_dtype=config.model.frozen_dtype)
   latents = codec.encode(images, rng)         # [-1, 1] NHWC -> (z - shift) * scale, z ~ posterior
   images = codec.decode(latents)              # -> [-1, 1] (unclipped)
 
@@ -11,9 +11,11 @@ parameters as an argument, never as closed-over constants, and shard the batch o
 given at construction, else over the mesh of their input's NamedSharding. To decode inside
 another jitted function, pass the parameters in: `codec.apply_decode(codec.params_on(mesh), x)`.
 """
+import json
 import os
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
 from grasp_jax.parallel import sharding
@@ -42,8 +44,9 @@ def _mesh_of(x):
 class LatentCodec:
   """A frozen AutoencoderKL: images <-> the scaled latents a diffusion backbone trains on.
 
-  module: a `models.vae.AutoencoderKL`; params: its parameters (numpy or jax). mesh: shard the
-  batch over its ('data', 'fsdp') axes, parameters replicated (default: the input's mesh).
+  module: a `models.vae.AutoencoderKL`; params: its parameters (numpy or jax; ShapeDtypeStructs
+  for `abstract_codec`). mesh: shard the batch over its ('data', 'fsdp') axes, parameters
+  replicated (default: the input's mesh).
   """
 
   def __init__(self, module, params, mesh=None):
@@ -58,6 +61,10 @@ class LatentCodec:
   def downsample(self):
     """Image pixels per latent pixel along each side."""
     return 2 ** (len(self.module.block_out_channels) - 1)
+
+  def param_shapes(self):
+    """ShapeDtypeStructs of the parameters (for memory plans)."""
+    return jax.eval_shape(lambda p: p, self._host_params)
 
   def latent_shape(self, image_shape):
     """(H, W, C) of the images -> (h, w, latent_channels) of the latents."""
@@ -134,14 +141,28 @@ class LatentCodec:
     return self._fn("decode", mesh)(self.params_on(mesh), latents)
 
 
-def load_codec(folder, mesh=None, dtype=None):
+def load_codec(folder, mesh=None, dtype=None, param_dtype=None):
   """A LatentCodec from a diffusers AutoencoderKL folder (`vae_folder(config)`).
 
   dtype: compute dtype (default float32; SD VAEs overflow in float16, bfloat16 is safe).
+  param_dtype: storage dtype of the params, on the host and the devices (config.model.
+    frozen_dtype; default float32). The layers cast them to the compute dtype where they use
+    them, so bfloat16 storage computes as float32 on bfloat16-rounded weights.
   """
-  module, params = convert.load_diffusers(folder)
+  module, params = convert.load_diffusers(folder, dtype=param_dtype and jnp.dtype(param_dtype))
   if not isinstance(module, vae_lib.AutoencoderKL):
     raise ValueError(f"{folder} holds a {type(module).__name__}, not an AutoencoderKL")
-  if dtype is not None:
-    module = module.clone(dtype=dtype)
+  if dtype is not None or param_dtype is not None:
+    module = module.clone(dtype=jnp.dtype(dtype or jnp.float32))
   return LatentCodec(module, params, mesh)
+
+
+def abstract_codec(folder, param_dtype=None):
+  """A LatentCodec of the VAE folder's architecture whose params are ShapeDtypeStructs (in
+  `param_dtype`): its latent shapes and sizes for planning, read from config.json alone."""
+  with open(os.path.join(folder, "config.json")) as f:
+    module = vae_lib.from_config(json.load(f))
+  dtype = jnp.dtype(param_dtype or jnp.float32)
+  params = jax.eval_shape(module.init, jax.random.key(0), *vae_lib.example_inputs(module))
+  return LatentCodec(module, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype),
+                                          params["params"]))

@@ -77,7 +77,7 @@ def load_codec(config, module):
   folder = latents.vae_folder(config)
   if folder is None:
     return None
-  codec = latents.load_codec(folder)
+  codec = latents.load_codec(folder, param_dtype=config.model.frozen_dtype)
   c = config.data
   shape = codec.latent_shape((c.image_size, c.image_size, c.channels))
   if shape[-1] != module.in_channels:

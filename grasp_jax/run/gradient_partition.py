@@ -70,6 +70,7 @@ def measurement_config(config, workdir, split, num_batches):
     cfg.partition.strategy, cfg.partition.k = "single", 1  # The partition does not exist yet.
     cfg.partition.thresholds = cfg.partition.groups = ""
     cfg.method.adapter = "none"
+    cfg.model.frozen_dtype = "float32"  # It differentiates the base itself.
     cfg.diffusion.cfg_dropout = 0.0
     cfg.diffusion.cbdm_weight = cfg.diffusion.coral_weight = 0.0
     if not cfg.model.pretrained:  # The demo's own base, trained into WORKDIR/base.

@@ -135,6 +135,7 @@ FIELDS = {
     "data.config": text(r"\S*", "a string without spaces"),
     "data.data_dir": PATH,
     "data.manual_dir": PATH,
+    "data.cache": PATH,
     "data.builder_options": text(r"(\w+=[^,=\s]+(,\w+=[^,=\s]+)*)?",
                                  "'' or key=value[,key=value] without spaces"),
     "data.train_split": NAME,
@@ -158,6 +159,7 @@ FIELDS = {
     "model.pretrained": PATH,
     "model.dtype": one_of("float32", "bfloat16", "float16"),
     "model.remat": boolean(),
+    "model.frozen_dtype": one_of("float32", "bfloat16", "float16"),
     "model.vae": PATH,
     "model.base": architecture(),
     "model.base_data": data_overrides(),  # What differs for pretraining the base.
@@ -168,6 +170,7 @@ FIELDS = {
     "text.cache": boolean(),
     "text.cache_dtype": one_of("float16", "float32"),
     "text.t5_length": COUNT,
+    "text.t5": one_of("", "zeros", "encoder"),
     "method.name": one_of(*METHODS),
     "method.adapter": one_of(*ADAPTERS),
     "method.num_clusters": SIZE,
@@ -203,6 +206,7 @@ FIELDS = {
     "train.checkpoint_every": SIZE,
     "train.keep_checkpoints": SIZE,
     "train.ema_decay": real(0, 1, hi_open=True),
+    "train.grad_accum_steps": SIZE,
     "train.nan_policy": one_of("stop", "skip"),
     "train.sample_every": COUNT,
     "train.diagnostics_every": COUNT,
@@ -288,6 +292,9 @@ def validate_config(config):
   if top and int(top.group(1)) > c.method.num_clusters:
     _fail("method.moe_mode", c.method.moe_mode, f"'soft' or 'top<k>' with k <= "
           f"method.num_clusters={c.method.num_clusters}")
+  if c.data.batch_size % c.train.grad_accum_steps:
+    _fail("train.grad_accum_steps", c.train.grad_accum_steps, f"a divisor of data.batch_size="
+          f"{c.data.batch_size} (the global batch is split into that many micro-batches)")
   if c.mesh.data == c.mesh.fsdp == -1:
     _fail("mesh.fsdp", -1, "a size when mesh.data is -1 (at most one axis takes the rest)")
   if "groups" in c.partition.strategy.split("+") and not c.partition.groups:

@@ -11,6 +11,7 @@ import time
 from absl import logging
 from clu import metric_writers
 import jax
+import numpy as np
 
 from grasp_jax import files
 from grasp_jax.evaluation import gradient_conflict
@@ -56,6 +57,9 @@ def export_run(exp, trainer, workdir, *, use_ema=None, clusters=None):
                      "(config.train.ema_decay is 0)")
   trainable = trainer.state.ema if ema else trainer.state.params
   params = _to_host(trainable_lib.merge(trainable, trainer.frozen))
+  # The frozen base may be stored in bfloat16 (model.frozen_dtype): export one dtype, float32.
+  params = jax.tree.map(lambda x: x.astype(np.float32) if np.issubdtype(x.dtype, np.floating)
+                        else x, params)
   selora = _to_host(trainer.state.extra.get("selora")) if trainer.state.extra else None
   if jax.process_index() != 0:
     return None
@@ -100,6 +104,8 @@ def train_and_evaluate(config, workdir, mode="train"):
   if mode == "sample":
     return sample(config, workdir)
   start = time.perf_counter()
+  if mode in ("train", "evaluate"):
+    evaluate_lib.check_assets(config)
   if mode == "train":
     if not config.model.pretrained:
       pretrain.pretrain_base(config, workdir)

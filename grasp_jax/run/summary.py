@@ -72,12 +72,13 @@ def summarize(workdir, step, seconds, grid_path):
   r["summary"] = summary
   if jax.process_index() == 0:
     files.write_json(path, data)
-  fmt = lambda e: "n/a" if not e else f"{e['value']:.3f} [{e['lo']:.3f}, {e['hi']:.3f}]"
+  num = lambda x: "n/a" if x is None else f"{x:.3f}"  # None: undefined (no images to score).
+  fmt = lambda e: "n/a" if not e else f"{num(e['value'])} [{num(e['lo'])}, {num(e['hi'])}]"
   return [
       f"done in {seconds / 60:.1f} min; outputs in {workdir}",
-      f"sample accuracy (frozen evaluator): all {summary['sample_accuracy']:.3f}, tail "
-      f"{summary['sample_accuracy_tail']:.3f}; evaluator on real test images "
-      f"{summary['evaluator_accuracy_real']:.3f}"
+      f"sample accuracy (frozen evaluator): all {num(summary['sample_accuracy'])}, tail "
+      f"{num(summary['sample_accuracy_tail'])}; evaluator on real test images "
+      f"{num(summary['evaluator_accuracy_real'])}"
       + ("" if summary["evaluator_ok"] else " (below eval.evaluator_floor: flagged)"),
       "tail: " + ", ".join(f"{m} {fmt(e)}" for m, e in summary["tail"].items()),
       f"before/after grid: {grid_path}"]

@@ -7,6 +7,8 @@ downloaded — from a small base trained here first and cached in WORKDIR/base i
 layout.
 """
 import dataclasses
+import functools
+import hashlib
 import os
 from typing import Any
 
@@ -15,14 +17,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from grasp_jax import files
 from grasp_jax import partition as partition_lib
 from grasp_jax.data import build as data_build
 from grasp_jax.data import pipeline
+from grasp_jax.data import precompute
 from grasp_jax.data import prompts
 from grasp_jax.diffusion import objectives
 from grasp_jax.inference import conditioning
+from grasp_jax.inference import latents
 from grasp_jax.inference import model
 from grasp_jax.models import backbone
+from grasp_jax.models import trainable as trainable_lib
+from grasp_jax.models import vae as vae_lib
 from grasp_jax.parallel import distributed
 from grasp_jax.parallel import sharding
 from grasp_jax.partition import groups as partition_groups
@@ -125,31 +132,52 @@ class Experiment:
     return {k: v for k, v in variables.items() if k in ("params", "selora")}
 
   def base_on_devices(self, shardings):
-    """The frozen base params placed with their shardings (None when training from scratch)."""
+    """The base params placed with their shardings (None when training from scratch).
+
+    The leaves the method does not train are cast to config.model.frozen_dtype on the host, so
+    no float32 copy reaches the devices; trained leaves (all of them for 'full') stay float32.
+    """
     if self.base_params is None:
       return None
-    return jax.tree.map(jax.device_put, self.base_params, _subtree(shardings, self.base_params))
+    dtype = jnp.dtype(self.config.model.frozen_dtype)
+    trained = trainable_lib.trainable_mask(shardings, self.config.method.trainable)
+
+    def put(x, where, train):
+      x = np.asarray(x)
+      return jax.device_put(x if train or not jnp.issubdtype(x.dtype, jnp.floating)
+                            else x.astype(dtype), where)
+    return jax.tree.map(put, self.base_params, _subtree(shardings, self.base_params),
+                        _subtree(trained, self.base_params))
 
   def train_iterator(self):
     c = self.config
     return iter(pipeline.make_dataset(
         self.builder, c.data.train_split, batch_size=c.data.batch_size // jax.process_count(),
         image_size=c.data.image_size, channels=c.data.channels, partition=self.partition,
-        seed=c.seed, shuffle=True, balance=c.data.balance or None))
+        seed=c.seed, shuffle=True, balance=c.data.balance or None, cache=c.data.cache or None))
 
   def device_batch(self, host_batch):
-    """Host batch (numpy, with prompt strings) -> arrays for the step, text embedded."""
+    """Host batch (numpy) -> arrays for the step: prompts embedded; a cached batch
+    (config.data.cache) brings its embeddings and the VAE posterior as image, image_logvar."""
+    labels = {"cluster_id": host_batch["cluster_id"].astype(np.int32),
+              "label": host_batch["label"].astype(np.int32)}
+    if "latent_mean" in host_batch:
+      return {"image": host_batch["latent_mean"], "image_logvar": host_batch["latent_logvar"],
+              **labels, **{k: host_batch[k].astype(np.float32) for k in self.null_cond}}
     texts = [p.decode() if isinstance(p, bytes) else str(p) for p in host_batch["prompt"]]
-    return {"image": host_batch["image"].astype(np.float32),
-            "cluster_id": host_batch["cluster_id"].astype(np.int32),
-            "label": host_batch["label"].astype(np.int32),
+    return {"image": host_batch["image"].astype(np.float32), **labels,
             **self.conditioner.lookup(texts)}
 
   def encode_batch(self, batch, rng):
     """A placed batch -> what the step trains on: images become VAE latents (sampled from the
-    posterior with `rng`) in latent diffusion; unchanged in pixel space."""
+    posterior with `rng`) in latent diffusion; unchanged in pixel space. A cached posterior is
+    sampled as the VAE samples its own (image_logvar stays: the step ignores it, and the
+    trainer's example batch needs the host batch's keys)."""
     if self.codec is None:
       return batch
+    if "image_logvar" in batch:
+      return {**batch, "image": _sample_latents(self.codec.module, batch["image"],
+                                                batch["image_logvar"], rng)}
     return {**batch, "image": self.codec.encode(batch["image"], rng)}
 
   @property
@@ -213,6 +241,46 @@ class Experiment:
             for i in range(c.train.diagnostics_batches)]
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _sample_latents(vae, mean, logvar, rng):
+  """Scaled latents from a cached VAE posterior, drawn as `LatentCodec.encode` draws them."""
+  z = vae_lib.DiagonalGaussian(mean, logvar).sample(rng)
+  return vae.apply({}, z, method=vae.scale_latents)
+
+
+def cache_identity(config, builder):
+  """What a precomputed cache depends on (data/precompute.py IDENTITY): the train split, the VAE
+  (sha256 of its folder), the text encoder (sha256 of its weights) and the image shape."""
+  d = config.data
+  vae = latents.vae_folder(config)
+  return {"dataset": builder.info.full_name, "split": d.train_split,
+          "count": builder.info.splits[d.train_split].num_examples,
+          "vae": files.folder_hash(vae) if vae else None,
+          "vae_dtype": config.model.frozen_dtype if vae else None,
+          "text_encoder": _text_encoder_identity(config),
+          "image_size": d.image_size, "channels": d.channels}
+
+
+def _text_encoder_identity(config):
+  """'minilm', or the sha256 of the text encoders' weights with what else shapes their output
+  (as conditioning.load_conditioner reads them)."""
+  t = config.text
+  if t.encoder == "minilm":
+    return "minilm"
+  folder = config.model.pretrained if t.encoder == "pipeline" else t.encoder
+  slots, notes = ["text_encoder", "text_encoder_2"], []
+  if os.path.isdir(os.path.join(folder, "transformer")):  # SD3: T5 tokens close the context.
+    mode = conditioning.t5_mode(folder, t.t5)
+    slots += ["text_encoder_3"] if mode == "encoder" else []
+    notes.append(f"t5={mode}x{t.t5_length}")
+  if config.model.frozen_dtype != "float32":
+    notes.append(f"params={config.model.frozen_dtype}")
+  parts = [os.path.join(folder, s) for s in slots
+           if os.path.isdir(os.path.join(folder, s))] or [folder]
+  digest = hashlib.sha256("".join(files.folder_hash(p) for p in parts).encode()).hexdigest()
+  return " ".join([f"sha256:{digest[:16]}"] + notes)
+
+
 def _subtree(tree, like):
   """The part of `tree` with the structure of `like` (nested dicts)."""
   return {k: _subtree(tree[k], v) if isinstance(v, dict) else tree[k] for k, v in like.items()}
@@ -221,6 +289,9 @@ def _subtree(tree, like):
 def build(config, workdir, *, from_scratch=False):
   """An Experiment for `config`. `from_scratch`: random init of the base architecture."""
   builder = prepare_data(config)
+  if config.data.cache:  # Refused before anything is loaded when made for another run.
+    precompute.check_identity(precompute.load_manifest(config.data.cache),
+                              cache_identity(config, builder), config.data.cache)
   part = load_or_build_partition(config, workdir, builder)
   folder = "" if from_scratch else model.base_folder(config, workdir)
   module, base_params, base_hash = model.load_backbone(config, folder, from_scratch=from_scratch)

@@ -27,13 +27,17 @@ ITEMS = ("state", "data", "config", "partition", "base")
 # Config fields that may differ between a checkpoint and the run resuming it (a name covers the
 # fields under it): how long to train, how often to log / save / sample / evaluate, where inputs
 # live (the base weights are checked by their hash), the mesh, recovery from a non-finite step,
-# and everything after training. Every other field changes what is trained. Under a decaying
-# learning-rate schedule, train.steps sets the schedule's length, so there it must match too.
+# the memory knobs remat and grad_accum_steps (micro-batches of the same global batch: the same
+# mean gradient per update, LR schedule and steps; only batch-coupled terms - CORAL's contrast
+# set, MoE's load-balancing loss - see micro-batches), and everything after training. Every
+# other field changes what is trained. Under a decaying learning-rate schedule, train.steps sets
+# the schedule's length, so there it must match too.
 MAY_CHANGE_ON_RESUME = (
     "train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.sample_every", "train.diagnostics_every", "train.diagnostics_batches",
-    "train.profile_steps", "train.resume_from", "train.nan_policy", "data.data_dir",
-    "data.manual_dir", "model.pretrained", "model.remat", "text.cache", "mesh", "sample", "eval")
+    "train.profile_steps", "train.resume_from", "train.nan_policy", "train.grad_accum_steps",
+    "data.data_dir", "data.manual_dir", "model.pretrained", "model.remat", "text.cache", "mesh",
+    "sample", "eval")
 SET_ASIDE = "checkpoints_set_aside"  # WORKDIR/<this>/<step>: steps after a resume_from step.
 
 

@@ -71,7 +71,7 @@ def setup(exp, config, mesh, example_batch):
   boxed = jax.eval_shape(exp.init_variables, rng)
   shardings = sharding.logical_shardings(boxed, mesh, config.mesh)
   base = exp.base_on_devices(shardings["params"])
-  variables = jax.jit(lambda r, b: nn.unbox(exp.init_variables(r, b)),
+  variables = jax.jit(functools.partial(init_variables, exp, config),
                       out_shardings=shardings, donate_argnums=1)(rng, base)
   params = variables["params"]
   extra = {k: v for k, v in variables.items() if k != "params"}
@@ -88,8 +88,41 @@ def setup(exp, config, mesh, example_batch):
                  abstract_state=abstract_state, tx=tx, compile_seconds=seconds)
 
 
+def init_variables(exp, config, rng, base):
+  """The run's variables, unboxed, frozen leaves in config.model.frozen_dtype: a placed base
+  comes in that dtype already (`Experiment.base_on_devices`); a random init is cast here, inside
+  the jitted init, so its float32 frozen leaves are never outputs."""
+  variables = nn.unbox(exp.init_variables(rng, base))
+  trainable, frozen = trainable_lib.split(variables["params"], config.method.trainable)
+  return {**variables, "params": trainable_lib.merge(trainable, store_frozen(frozen, config))}
+
+
+def store_frozen(frozen, config):
+  """The frozen params as kept on device: floating leaves in config.model.frozen_dtype.
+
+  The models cast every parameter to their compute dtype where they use it (flax layers' dtype,
+  adapters.Dense's astype), so low-precision frozen leaves go straight into the forward pass:
+  there is no whole-tree upcast that would keep a float32 copy alive through the backward pass.
+  """
+  dtype = jnp.dtype(config.model.frozen_dtype)
+  return jax.tree.map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, frozen)
+
+
+def micro_batch_size(config, mesh):
+  """Samples per micro-batch; each must split evenly over the mesh's batch shards."""
+  batch, steps = config.data.batch_size, config.train.grad_accum_steps
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if batch % (steps * shards):
+    raise ValueError(f"config.data.batch_size={batch} does not split into "
+                     f"config.train.grad_accum_steps={steps} micro-batches over the {shards} "
+                     f"batch shards of mesh {dict(mesh.shape)}: it must be a multiple of "
+                     f"{steps * shards}")
+  return batch // steps
+
+
 def state_initializer(config, tx):
-  """(trainable, extra) -> TrainState; jitted by `setup`, traced abstractly by memory.py."""
+  """(trainable, extra) -> TrainState; jitted by `setup`, traced abstractly by run/dry_run.py."""
   def init_state(trainable, extra):
     ema = jax.tree.map(jnp.copy, trainable) if config.train.ema_decay > 0 else {}
     return TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
@@ -104,17 +137,37 @@ def state_shardings(init_state, trainable, extra, mesh):
 
 
 def train_step(state, frozen, batch, *, exp, config, tx):
-  """One optimizer step on the trainables: (state, frozen, batch) -> (state, metrics, finite)."""
+  """One optimizer step on the trainables: (state, frozen, batch) -> (state, metrics, finite).
+
+  With config.train.grad_accum_steps = N > 1 the batch is split into N micro-batches, sample i
+  into micro-batch i % N (so every device splits its own shard and no data moves), each with its
+  own noise rng fold_in(rng, i); a scan averages their gradients. The optimizer, the method hook,
+  EMA and metrics then see the mean gradient of the whole batch, once per step.
+  """
   rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
   num_clusters = exp.partition.num_clusters
   method = methods.for_config(config.method)
   extra = method.forward_extra(state.extra)
 
-  def loss_fn(trainable):
+  def loss_fn(trainable, batch, rng):
     per_sample, aux_loss = exp.loss_fn(trainable_lib.merge(trainable, frozen), extra, batch, rng)
     return jnp.mean(per_sample) + aux_loss, per_sample
 
-  (loss, per_sample), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  n = config.train.grad_accum_steps
+  if n == 1:
+    (loss, per_sample), grads = grad_fn(state.params, batch, rng)
+  else:
+    def accumulate(carry, xs):
+      micro, i = xs
+      (loss, per_sample), grads = grad_fn(state.params, micro, jax.random.fold_in(rng, i))
+      return jax.tree.map(jnp.add, carry, (loss, grads)), per_sample
+
+    micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape((-1, n) + x.shape[1:]), 0, 1), batch)
+    zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params))
+    (loss, grads), per_sample = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(n)))
+    loss, grads = loss / n, jax.tree.map(lambda g: g / n, grads)
+    per_sample = jnp.swapaxes(per_sample, 0, 1).reshape(-1)  # Back in batch order.
   grads, method_state = method.grads(grads, state.extra, state.method_state)
   cluster_ids = batch["cluster_id"]
   counts = jax.ops.segment_sum(jnp.ones_like(per_sample), cluster_ids, num_clusters)
@@ -150,6 +203,7 @@ def example_batch(exp, mesh):
 
 def compile_step(exp, config, mesh, tx, state, frozen, example_batch):
   """AOT-compiles the step; returns (compiled, seconds). `example_batch`: one process's share."""
+  micro_batch_size(config, mesh)  # Fails before compiling when the batch does not split.
   state_sh = jax.tree.map(lambda x: x.sharding, state)
   frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
   batch_sh = jax.tree.map(lambda _: sharding.batch_sharding(mesh), example_batch)

@@ -3,7 +3,9 @@
 A method may keep its own state in `TrainState.method_state` and act at three points of
 `loop.train_step`: the variables the forward pass sees, the gradients (and its state) after the
 backward pass, and the parameters after the optimizer update. Most methods need none of it
-(`Method`); SeLoRA uses all three.
+(`Method`); SeLoRA uses all three. Each acts once per step: with config.train.grad_accum_steps
+> 1 the forward variables serve every micro-batch and `grads` gets the mean gradient of the
+whole batch (SeLoRA's Fisher sums add the square of that mean, as without accumulation).
 """
 import jax
 import jax.numpy as jnp

@@ -60,7 +60,8 @@ def _clip_bpe(vocab_file, merges_file, special):
 
 
 def load_tokenizer(path, max_length=None, pad_to_multiple_of=None):
-  """A `tokenizers.Tokenizer` from `tokenizer.json`, or CLIP `vocab.json` + `merges.txt`.
+  """A `tokenizers.Tokenizer` from `tokenizer.json` (any model: CLIP, BERT, T5's unigram), or
+  CLIP `vocab.json` + `merges.txt`.
 
   Truncates to `max_length` (default: tokenizer_config's model_max_length, else 77). Pads every
   sequence to `max_length` (the diffusion convention), or with `pad_to_multiple_of` to the
@@ -74,6 +75,11 @@ def load_tokenizer(path, max_length=None, pad_to_multiple_of=None):
     tok = tokenizers.Tokenizer.from_file(json_file)
   elif os.path.exists(vocab_file) and os.path.exists(merges_file):
     tok = _clip_bpe(vocab_file, merges_file, special)
+  elif os.path.exists(os.path.join(path, "spiece.model")):
+    # Reading a sentencepiece model needs the sentencepiece package; its tokenizer.json does not.
+    raise FileNotFoundError(
+        f"{path}: only spiece.model, no tokenizer.json; write one once with transformers: "
+        f"T5TokenizerFast.from_pretrained({path!r}).save_pretrained({path!r})")
   else:
     raise FileNotFoundError(f"{path}: no tokenizer.json, nor vocab.json + merges.txt")
   if max_length is None:
