@@ -81,7 +81,6 @@ def run_config(backbone, run, smoke=False):
   # frequency.
   c.model.base_data = mlc.ConfigDict({"config": "source_small" if smoke else "source"})
   c.data.balance = ""
-  c.eval.evaluator_extra_splits = "val"  # The target's unused images also train the evaluator.
   if smoke:
     c.eval.evaluator_steps, c.eval.n_boot = 2, 10  # Plumbing only: a flagged evaluator.
   else:

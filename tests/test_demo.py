@@ -35,11 +35,13 @@ def test_demo_writes_partition_base_checkpoint_and_export(demo_run):
   assert sorted(part["class_to_cluster"]) == sorted(
       ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
        "Ankle boot"])
-  assert "Ankle boot (108)" in proc.stderr  # The partition table with the NIH-profile counts.
+  # The partition table with target_small's counts: Coat is its most frequent class (healthy).
+  assert "Coat (100)" in proc.stderr and "Trouser (5)" in proc.stderr
+  assert part["clusters"][0]["name"] == "healthy" and part["clusters"][0]["classes"] == ["Coat"]
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["method"]["name"] == "grasp"
   base = load_file(os.path.join(workdir, "base", "diffusion_pytorch_model.safetensors"))
-  assert "conv_in.weight" in base and not any("adapter" in k for k in base)
+  assert "context_embedder.weight" in base and not any("adapter" in k for k in base)  # MMDiT
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "4"))
   adapters = load_file(os.path.join(workdir, "export", "adapters", "adapters.safetensors"))
   assert adapters and all("/adapter/" in k for k in adapters)

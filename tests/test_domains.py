@@ -105,7 +105,7 @@ def test_source_and_target_builds_from_fabricated_idx(tmp_path, monkeypatch):
   source = build(small("source", head_count=20, val_per_class=5), tmp_path / "data")
   target = build(small("target_p1", head_count=25, tail_count=5, val_per_class=3), tmp_path / "data")
   src = {s: read(source, s) for s in ("train", "val", "test")}
-  tgt = {s: read(target, s) for s in ("train", "val", "test")}
+  tgt = {s: read(target, s) for s in ("train", "val", "test", "spare")}
 
   train_images, train_labels = raw["train"]
   in_target = fm.split_halves(train_labels, 0)
@@ -115,6 +115,10 @@ def test_source_and_target_builds_from_fabricated_idx(tmp_path, monkeypatch):
   assert not src_ids & tgt_ids and len(src_ids) == 250 and len(tgt_ids) == len(tgt["train"]) + 30
   assert all(not in_target[index_of(e)] for e in src["train"] + src["val"])
   assert all(in_target[index_of(e)] for e in tgt["train"] + tgt["val"])
+  # spare: the rest of the target half, which no generator trains on (the evaluator's images).
+  spare_ids = {e["id"] for e in tgt["spare"]}
+  assert not spare_ids & tgt_ids and len(spare_ids | tgt_ids) == 300
+  assert all(in_target[index_of(e)] for e in tgt["spare"]) and "spare" not in source.info.splits
 
   counts = np.bincount([e["label"] for e in tgt["train"]], minlength=10)
   order = np.random.default_rng(1).permutation(10)
@@ -148,7 +152,7 @@ def test_source_and_target_builds_from_fabricated_idx(tmp_path, monkeypatch):
 @pytest.mark.skipif(not os.path.exists(os.path.join(FMNIST_REAL_DIR, "train-images-idx3-ubyte.gz")),
                     reason="Debian package dataset-fashion-mnist not installed")
 def test_real_target_counts_and_disjoint_halves(tmp_path):
-  target = build(small("target_p0", val_per_class=1, test_per_class=1), tmp_path)
+  target = build(small("target_p0", val_per_class=1, test_per_class=1, spare=False), tmp_path)
   source = build(small("source", head_count=50, val_per_class=1, test_per_class=1), tmp_path)
   ids = {}
   for name, builder in (("target", target), ("source", source)):

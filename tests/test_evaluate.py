@@ -9,6 +9,7 @@ at 16 px. The generator is a stand-in epsilon model (cheap to compile).
 import dataclasses
 import json
 import os
+import shutil
 
 import flax.linen as nn
 import flax.serialization
@@ -238,6 +239,25 @@ def test_evaluator_cached_by_content_not_seed(run):
       record["file"]
   assert set(rec_ for rec_ in roles(run["builder"])["evaluator"]) == set(
       np.concatenate(list(role["evaluator"].values())).tolist())
+
+
+def test_shipped_evaluator_is_used_before_training(run, tmp_path, monkeypatch):
+  record = run["results"]["evaluator"]
+  shipped = tmp_path / "package" / "domain_classifier"
+  shipped.mkdir(parents=True)
+  for suffix in (".msgpack", ".json"):
+    shutil.copy(record["file"].replace(".msgpack", suffix), shipped)
+  monkeypatch.setattr(evaluator, "SHIPPED", str(tmp_path / "package"))
+  monkeypatch.setattr(evaluator, "_LOADED", {})
+
+  def must_not_train():
+    raise AssertionError("a shipped evaluator was trained again")
+
+  _, got = evaluator.load_or_train(str(tmp_path / "empty_cache"), record["spec"], must_not_train)
+  assert got["file"].startswith(str(shipped)) and got["weights_sha1"] == record["weights_sha1"]
+  other = {**record["spec"], "train": {**record["spec"]["train"], "steps": 99}}
+  with pytest.raises(AssertionError, match="trained again"):  # Another spec is not shipped.
+    evaluator.load_or_train(str(tmp_path / "empty_cache"), other, must_not_train)
 
 
 def test_downstream_uses_the_stated_data(run):

@@ -16,6 +16,9 @@ Cache: CACHE/domain_classifier/<key>.msgpack and <key>.json, key = sha256 of `sp
 resolution, the roles, architecture and training budget; not a run's seed), so every run and
 seed of a study is measured with the same yardstick. The .json records the spec and the
 evaluator's accuracy on the whole held-out pool, the number compared to the configured floor.
+An evaluator absent from CACHE is looked up in the package (`SHIPPED`, the same layout) before
+it is trained: the embedded data's evaluators ship, so the demo and the study do not spend CPU
+minutes training them and every machine measures with the same weights.
 """
 import hashlib
 import json
@@ -64,6 +67,9 @@ def key(spec):
   return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
+SHIPPED = os.path.dirname(os.path.abspath(__file__))  # SHIPPED/domain_classifier/<key>.*
+
+
 def cache_path(cache_dir, spec):
   return os.path.join(cache_dir, "domain_classifier", f"{key(spec)}.msgpack")
 
@@ -89,6 +95,8 @@ def load_or_train(cache_dir, spec, load_data):
   path = cache_path(cache_dir, spec)
   if path in _LOADED:
     return _LOADED[path]
+  if not os.path.exists(path) and os.path.exists(cache_path(SHIPPED, spec)):
+    path = cache_path(SHIPPED, spec)
   meta = path.replace(".msgpack", ".json")
   if os.path.exists(path) and os.path.exists(meta):
     with open(path, "rb") as f:

@@ -44,9 +44,12 @@ no image is in both.
               image in the radiograph domain (grasp_jax.data.domains.radiograph: inversion,
               blur, tone range, vignette, grain seeded by the image's file and index), prompts
               "an x-ray scan of a trouser". val: 100 per class of the half's unused images; test:
-              the t10k images (balanced, 1,000 per class) in the radiograph domain.
+              the t10k images (balanced, 1,000 per class) in the radiograph domain; spare: the
+              rest of the half's images (1,900 to 2,892 per class), which no generator trains
+              on: they train the frozen evaluator (eval.evaluator_extra_splits).
   source_small, target_small   the same with 100 images per class (source) and 100 ... 5
-              (target, permutation 0), 10 val and 20 test images per class: for tests.
+              (target, permutation 0), 10 val and 20 test images per class, no spare split:
+              for tests.
 Metadata: `train_counts` and `val_counts` per class, `count_order` (classes head -> tail),
 `permutation`, `half`, `appearance` and, for radiographs, `transform` (the parameters).
 Picture of both domains: docs/domains.png, written by `domains_figure` (python -c "import
@@ -221,19 +224,21 @@ class FashionMnistLtConfig(tfds.core.BuilderConfig):
   permutation: int | None = None  # Seed of the rank -> class assignment; None: class order.
   half: str = ""  # '' every train image, or only the 'source' or the 'target' half.
   appearance: str = "photo"  # 'photo' or 'radiograph' (grasp_jax.data.domains)
+  spare: bool = False  # A `spare` split: the half's images in neither train nor val.
 
 
 TARGET = dict(profile="exponential", head_count=1000, tail_count=8, half="target",
-              appearance="radiograph")
+              appearance="radiograph", spare=True)
 
 
 class FashionMnistLt(base.Builder):
   """Fashion-MNIST with long-tailed class profiles, in the photo or the radiograph domain."""
 
   name = "fashion_mnist_lt"
-  VERSION = tfds.core.Version("1.1.0")
+  VERSION = tfds.core.Version("1.2.0")
   RELEASE_NOTES = {"1.0.0": "First release.",
-                   "1.1.0": "Configs source, target_p0 and target_p1 (radiograph domain)."}
+                   "1.1.0": "Configs source, target_p0 and target_p1 (radiograph domain).",
+                   "1.2.0": "The target configs' `spare` split (the frozen evaluator's data)."}
   BUILDER_CONFIGS = [
       FashionMnistLtConfig(name="default", description="Full profile, head class 6000 images."),
       FashionMnistLtConfig(name="small", description="Head class 600 images; for tests and CI.",
@@ -249,7 +254,8 @@ class FashionMnistLt(base.Builder):
                            val_per_class=10, test_per_class=20),
       FashionMnistLtConfig(name="target_small", description="target_p0 from 100 down to 5 "
                            "images per class; for tests.", permutation=0, val_per_class=10,
-                           test_per_class=20, **{**TARGET, "head_count": 100, "tail_count": 5}),
+                           test_per_class=20, **{**TARGET, "head_count": 100, "tail_count": 5,
+                                                 "spare": False}),
   ]
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -304,11 +310,15 @@ class FashionMnistLt(base.Builder):
     self.info.metadata["source_dir"] = directory
     self.info.metadata["val_counts"] = dict(zip(
         CLASS_NAMES, np.bincount(train_labels[val_idx], minlength=len(CLASS_NAMES)).tolist()))
-    return {
+    splits = {
         "train": self._generate_examples(train_images, train_labels, train_idx, "train"),
         "val": self._generate_examples(train_images, train_labels, val_idx, "train"),
         "test": self._generate_examples(test_images, test_labels, test_idx, "t10k"),
     }
+    if cfg.spare:
+      spare_idx = np.setdiff1d(np.flatnonzero(pool >= 0), np.concatenate([train_idx, val_idx]))
+      splits["spare"] = self._generate_examples(train_images, train_labels, spare_idx, "train")
+    return splits
 
   def _generate_examples(self, images, labels, indices, source):
     cfg = self.builder_config
