@@ -64,7 +64,8 @@ def get_config(arg=None):
   study.lr_grid = {k: (v[1],) if arg.smoke else tuple(v) for k, v in LR_GRID.items()}
   study.sweep_steps = 4 if arg.smoke else 150  # Steps of each sweep run (the first half).
   study.compare_to = "grasp"  # Paired verdicts: this run against every other run.
-  study.verdict_metrics = ("coverage", "kid", "fd", "conditional_accuracy", "memorization")
+  study.verdict_metrics = ("coverage", "kid", "fd", "conditional_accuracy", "memorization",
+                           "irs")
   study.runs = {b: {r: run_config(b, r, smoke=arg.smoke) for r in RUNS}
                 for b in ("dit", "unet")}
   return study
@@ -93,4 +94,14 @@ def run_config(backbone, run, smoke=False):
     section, name = field.split(".")
     c[section][name] = value
   c.eval.every = 0 if smoke else c.train.steps // 2  # Early and final: tail overfitting shows.
+  # The study's metrics live in the frozen evaluator's feature space: Inception features of 32-px
+  # grey images and the downstream classifier (the demo's) are not among them.
+  c.eval.inception = False
+  c.eval.downstream = False
+  if not smoke:
+    c.sample.per_class = c.eval.real_per_class = 100  # 300 samples in a 3-class group.
+    c.eval.every_per_class = c.eval.every_real_per_class = 50
+  # Gradient conflict of the fine-tuned model at the end, on 16 held-out class-balanced batches.
+  c.train.diagnostics_every = c.train.steps
+  c.train.diagnostics_batches = 2 if smoke else 16
   return c

@@ -17,12 +17,13 @@ from grasp_jax.run import study
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_plan_puts_every_seed_on_the_headline_runs_only():
+def test_plan_puts_the_headline_runs_at_every_seed_first():
   s = study_config.get_config("seeds=2")
-  out = study.plan(s, ["grasp", "lora"])
-  first = [(b, t, r) for b, t, r, seed in out if seed == 0]
-  assert first == [("dit", t, r) for t in s.targets for r in ("grasp", "lora")]
-  assert [(r, seed) for _, _, r, seed in out if seed == 1] == [("grasp", 1)] * len(s.targets)
+  out = study.plan(s, ["lora", "grasp", "base"])
+  t0, t1 = s.targets
+  assert out == [("dit", t0, "grasp", 0), ("dit", t0, "base", 0), ("dit", t0, "grasp", 1),
+                 ("dit", t0, "lora", 0), ("dit", t1, "grasp", 0), ("dit", t1, "base", 0),
+                 ("dit", t1, "grasp", 1), ("dit", t1, "lora", 0)]
   with pytest.raises(ValueError, match="unknown.*'gras'"):
     study.plan(s, ["gras"])
 

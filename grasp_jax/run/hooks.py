@@ -1,6 +1,9 @@
 """In-training hooks of a fine-tuning run: gradient diagnostics, per-cluster grids, evaluation."""
+import os
+
 import jax
 
+from grasp_jax import files
 from grasp_jax.evaluation import gradient_conflict
 from grasp_jax.inference import generate
 from grasp_jax.models import trainable as trainable_lib
@@ -13,6 +16,18 @@ def sampling_params(trainer, use_ema=True):
   state = trainer.state
   trainable = state.ema if use_ema and jax.tree.leaves(state.ema) else state.params
   return trainable_lib.merge(trainable, trainer.frozen), state.extra
+
+
+def diagnose(exp, trainer, writer, step, batches):
+  """Gradient-conflict diagnostics of the trainer's current parameters on held-out `batches`
+  -> TensorBoard and WORKDIR/diagnostics/step_<n>.json; returns the result."""
+  result = gradient_conflict.run_diagnostics(
+      exp, trainable_lib.merge(trainer.state.params, trainer.frozen), trainer.state.extra,
+      batches, jax.random.key(exp.config.seed + 1), writer, step)
+  if jax.process_index() == 0:
+    files.write_json(os.path.join(exp.workdir, "diagnostics", f"step_{step}.json"), result,
+                     indent=2)
+  return result
 
 
 class InTraining:
@@ -28,9 +43,7 @@ class InTraining:
     if every and step % every == 0:
       if self._heldout is None:
         self._heldout = exp.heldout_batches(trainer.mesh)
-      gradient_conflict.run_diagnostics(
-          exp, trainable_lib.merge(trainer.state.params, trainer.frozen), trainer.state.extra,
-          self._heldout, jax.random.key(c.seed + 1), writer, step)
+      diagnose(exp, trainer, writer, step, self._heldout)
     if c.train.sample_every and step % c.train.sample_every == 0:
       params, extra = sampling_params(trainer)
       grids = generate.cluster_grids(exp, params, extra, jax.random.key(c.seed), 8,

@@ -13,6 +13,7 @@ images (grasp_jax.evaluation.compare) at matched seeds, combined over seeds as a
 import collections
 import math
 import os
+import shutil
 import subprocess
 
 import numpy as np
@@ -28,7 +29,9 @@ from grasp_jax.inference import generate
 METRICS = (("domain", "fd", False), ("domain", "kid", False), ("domain", "precision", True),
            ("domain", "recall", True), ("domain", "coverage", True), ("retrieval", "irs", True),
            ("retrieval", "memorization", False), ("accuracy", "conditional_accuracy", True))
-GROUPS = ("frequency/head", "frequency/medium", "frequency/tail", "all")
+GROUPS = ("frequency/head", "frequency/medium", "frequency/tail", "frequency/healthy", "all")
+# The early-vs-final table (tail overfitting shows as a drop between the two evaluations).
+TRAJECTORY = (("accuracy", "conditional_accuracy"), ("domain", "coverage"), ("domain", "fd"))
 GRID_RUNS = ("base", "full", "grasp", "shared")
 
 
@@ -77,7 +80,37 @@ def _by(records, *keys):
   return out
 
 
-def aggregate(records, study):
+def early(records):
+  """{step, groups {group: {metric: {mean, lo, hi, n}}}} of the first in-training evaluation of
+  a run's seeds (TRAJECTORY metrics), or None when only one evaluation exists."""
+  steps = sorted({int(s) for r in records for s in r["results"]})
+  if len(steps) < 2:
+    return None
+  first = [r["results"].get(str(steps[0])) for r in records]
+  return {"step": steps[0], "groups": {
+      g: {m: combine([(_entry(f, b, g) or {}).get(m) for f in first if f])
+          for b, m in TRAJECTORY} for g in GROUPS}}
+
+
+def diagnostics(records, workdir):
+  """Mean over seeds of the final gradient-conflict diagnostics (WORKDIR/.../diagnostics/
+  step_<final>.json): head-vs-tail class cosine of the FFN-kernel gradients on held-out batches,
+  within- and between-cluster cosine; None when the runs have none."""
+  found = []
+  for r in records:
+    path = os.path.join(_dir(workdir, r), "diagnostics", f"step_{r['steps']}.json")
+    if os.path.exists(path):
+      found.append(files.read_json(path))
+  if not found:
+    return None
+  mean = lambda key: float(np.mean([d[key] for d in found if d.get(key) is not None]))
+  return {"seeds": len(found), "head_tail_cosine": float(np.mean(
+      [d["head_tail"]["all"] for d in found])), "intra_pooled": mean("intra_pooled"),
+          "inter": mean("inter"), "head_classes": found[0]["head_classes"],
+          "tail_classes": found[0]["tail_classes"]}
+
+
+def aggregate(records, study, workdir):
   """The `runs` and `floors` of study.json (module docstring)."""
   runs, floors = {}, {}
   target = study.targets[0]
@@ -88,7 +121,8 @@ def aggregate(records, study):
                   for _, m, _ in METRICS} for g in GROUPS}
     runs.setdefault(backbone, {})[run] = {
         "seeds": sorted(r["seed"] for r in rs), "lr": rs[0]["lr"],
-        "trainable_params": rs[0]["trainable_params"], "groups": groups}
+        "trainable_params": rs[0]["trainable_params"], "groups": groups,
+        "early": early(rs), "diagnostics": diagnostics(rs, workdir)}
     if run == study.compare_to:
       floors = {g: dict(per_seed[0][1].get(g, {})) for g in GROUPS}
   return runs, floors
@@ -107,14 +141,38 @@ def verdicts(records, study, workdir):
       continue
     for group in GROUPS:
       for metric in study.verdict_metrics:
-        diffs = [compare.paired(_dir(workdir, a), _dir(workdir, b), metric, group)
-                 for a, b in pairs]
-        c = combine([{"value": d["diff"], "lo": d["lo"], "hi": d["hi"]} for d in diffs])
+        if metric in UNPAIRED:
+          c = combine([_unpaired(a, b, metric, group) for a, b in pairs])
+          decided = c["n"] >= 2  # One seed: its interval ignores the seed-to-seed spread.
+        else:
+          diffs = [compare.paired(_dir(workdir, a), _dir(workdir, b), metric, group)
+                   for a, b in pairs]
+          c = combine([{"value": d["diff"], "lo": d["lo"], "hi": d["hi"]} for d in diffs])
+          decided = True
+        direction = UNPAIRED.get(metric, directions.get(metric))
         out.append({"backbone": backbone, "a": study.compare_to, "b": run, "group": group,
                     "metric": metric, "diff": c["mean"], "lo": c["lo"], "hi": c["hi"],
-                    "seeds": len(pairs),
-                    "verdict": intervals.verdict(c["lo"], c["hi"], directions[metric])})
+                    "seeds": len(pairs), "paired": metric not in UNPAIRED,
+                    "verdict": intervals.verdict(c["lo"], c["hi"], direction)
+                    if decided and c["mean"] is not None else "inconclusive"})
   return out
+
+
+# Metrics without a paired bootstrap (compare.py: resampling invents IRS's collisions), with
+# whether higher is better: a seed's difference a - b gets the interval of two independent
+# estimates, and a verdict needs >= 2 matched seeds.
+UNPAIRED = {"irs": True}
+
+
+def _unpaired(a, b, metric, group):
+  """{value, lo, hi} of a - b for one seed pair from the two runs' own intervals."""
+  block = next(blk for blk, m, _ in METRICS if m == metric)
+  ea, eb = ((_entry(_final(r), block, group) or {}).get(metric) for r in (a, b))
+  if not ea or not eb or ea.get("value") is None or eb.get("value") is None:
+    return None
+  se2 = sum(((e["hi"] - e["lo"]) / 3.92) ** 2 for e in (ea, eb) if e.get("lo") is not None)
+  diff = ea["value"] - eb["value"]
+  return {"value": diff, "lo": diff - 1.96 * math.sqrt(se2), "hi": diff + 1.96 * math.sqrt(se2)}
 
 
 def _dir(workdir, r):
@@ -166,23 +224,65 @@ def _grid(workdir, records, backbone, tail_classes, per_class=4):
   return (np.concatenate(rows, axis=0), names) if rows else (None, names)
 
 
+def alignment(study, workdir):
+  """{backbone: WORKDIR/<backbone>/<headline target>/alignment.json} of those that exist."""
+  paths = {b: os.path.join(workdir, b, study.targets[0], "alignment.json") for b in study.backbones}
+  return {b: files.read_json(p) for b, p in paths.items() if os.path.exists(p)}
+
+
+def summary(data, study):
+  """The report's generated summary: per backbone, `compare_to` against the headline controls
+  on the tail group, from the verdicts (which metrics it wins, loses, cannot tell)."""
+  lines = []
+  for backbone, table in data["runs"].items():
+    for run in [r for r in SUMMARY_RUNS if r in table and r != study.compare_to]:
+      vs = [v for v in data["verdicts"] if (v["backbone"], v["b"], v["group"]) ==
+            (backbone, run, "frequency/tail")]
+      if not vs:
+        continue
+      by = collections.defaultdict(list)
+      for v in vs:
+        by[v["verdict"]].append(v["metric"])
+      seeds = max(v["seeds"] for v in vs)
+      lines.append(f"- {backbone}, tail group, `{study.compare_to}` vs `{run}` ({seeds} matched "
+                   f"seed{'s' if seeds > 1 else ''}): better on {_names(by['better'])}; worse on "
+                   f"{_names(by['worse'])}; cannot tell on {_names(by['inconclusive'])}.")
+  return lines
+
+
+SUMMARY_RUNS = ("base", "full", "shared", "shared_matched", "lora", "grasp_random", "grasp_kc",
+                "grasp_gradient")
+
+
+def _names(metrics):
+  return ", ".join(metrics) if metrics else "none"
+
+
 def write(records, study, workdir, out_path, doc_path):
   """results/study.json and docs/RESULTS.md from the finished records; returns the json."""
   if not records:
     raise ValueError(f"no finished runs in {workdir}")
-  runs, floors = aggregate(records, study)
+  runs, floors = aggregate(records, study, workdir)
   data = {"provenance": provenance(records, study, workdir), "runs": runs, "floors": floors,
-          "verdicts": verdicts(records, study, workdir)}
+          "verdicts": verdicts(records, study, workdir),
+          "alignment": alignment(study, workdir)}
   files.write_json(out_path, data)
+  prov = data["provenance"]
+  planned = {r for r in study.runs[study.backbones[0]]}
   lines = [
       "# Study results", "",
       "Generated by `python -m grasp_jax.study --workdir=...` (grasp_jax/run/study.py, "
       "configs/study.py); numbers in `results/study.json`. Do not edit by hand.", "",
-      f"Provenance: commit `{data['provenance']['commit']}`, target "
-      f"`{study.targets[0]}`, evaluator accuracy on real target test images "
-      f"{data['provenance']['evaluator_accuracy']:.3f}"
-      + ("" if data["provenance"]["evaluator_ok"] else " (**below the floor: flagged**)")
-      + f", {data['provenance']['steps']} steps at batch {data['provenance']['batch']}.", ""]
+      f"Provenance: commit `{prov['commit']}`, target `{study.targets[0]}`, evaluator accuracy "
+      f"on real target test images {prov['evaluator_accuracy']:.3f}"
+      + ("" if prov["evaluator_ok"] else " (**below the floor: flagged**)")
+      + f", {prov['steps']} steps at batch {prov['batch']}; samples per group: "
+      + ", ".join(f"{g} {n}" for g, n in prov["n_per_group"].items()) + ".", ""]
+  for backbone, table in runs.items():
+    missing = sorted(planned - set(table))
+    lines += [f"Finished runs ({backbone}): {len(table)} of {len(planned)}"
+              + (f"; not yet run: {', '.join(missing)}." if missing else "."), ""]
+  lines += ["## Summary (generated from the paired verdicts)", "", *summary(data, study), ""]
   for backbone, table in runs.items():
     for group in GROUPS:
       lines += [f"## {backbone}: {group}", "",
@@ -194,15 +294,57 @@ def write(records, study, workdir, out_path, doc_path):
         lines.append(f"| {run} | {len(entry['seeds'])} | {entry['trainable_params']} | "
                      + " | ".join(_fmt(entry["groups"][group][m]) for _, m, _ in METRICS) + " |")
       lines.append("")
+    lines += [f"## {backbone}: early vs final evaluation, tail group", "",
+              "| run | " + " | ".join(f"{m} early | {m} final" for _, m in TRAJECTORY) + " |",
+              "|---" * (2 * len(TRAJECTORY) + 1) + "|"]
+    for run, entry in table.items():
+      if entry["early"]:
+        tail = "frequency/tail"
+        lines.append(f"| {run} (step {entry['early']['step']}) | " + " | ".join(
+            f"{_fmt(entry['early']['groups'][tail][m])} | {_fmt(entry['groups'][tail][m])}"
+            for _, m in TRAJECTORY) + " |")
+    lines += ["", f"## {backbone}: gradient conflict after fine-tuning", "",
+              "Cosine of the class-mean loss gradients w.r.t. the FFN kernels on held-out "
+              "class-balanced batches (mean over seeds): head classes vs tail classes, and "
+              "within vs between the run's clusters.", "",
+              "| run | seeds | head-vs-tail | within clusters | between clusters |",
+              "|---|---|---|---|---|"]
+    for run, entry in table.items():
+      d = entry["diagnostics"]
+      if d:
+        lines.append(f"| {run} | {d['seeds']} | {d['head_tail_cosine']:.3f} | "
+                     f"{d['intra_pooled']:.3f} | {d['inter']:.3f} |")
+    lines.append("")
+  for backbone, a in data["alignment"].items():
+    rel = a["reliability"]
+    lines += [f"## {backbone}: partitions' gradient alignment on held-out batches", "",
+              f"Frozen base, `{a['split']}` split (split-half r = {rel['split_half']:.3f}): "
+              "mean class-gradient cosine within and between each partition's clusters.", "",
+              "| partition (run) | within | between | gap |", "|---|---|---|---|"]
+    for name in a["partitions"]:
+      lines.append(f"| {name} | {a[name]['intra_pooled']:.3f} | {a[name]['inter']:.3f} | "
+                   f"{a[name]['gap']:+.3f} |")
+    lines.append("")
   counts = collections.Counter((v["b"], v["verdict"]) for v in data["verdicts"]
                                if v["group"] == "frequency/tail")
   lines += ["## Paired verdicts on the tail group", "",
             f"`{study.compare_to}` against each run: better / worse / inconclusive over "
-            f"{', '.join(study.verdict_metrics)} (paired bootstrap, matched seeds).", "",
+            f"{', '.join(study.verdict_metrics)} (paired bootstrap over images at matched seeds; "
+            "IRS unpaired, decided only with >= 2 seeds).", "",
             "| run | better | worse | inconclusive |", "|---|---|---|---|"]
   for run in sorted({v["b"] for v in data["verdicts"]}):
     lines.append(f"| {run} | {counts[(run, 'better')]} | {counts[(run, 'worse')]} | "
                  f"{counts[(run, 'inconclusive')]} |")
+  if prov["lr_sweep"]:
+    lines += ["", "## Learning-rate sweep", "",
+              "Validation loss on the target's class-balanced validation split after the sweep's "
+              "steps (fixed noise and timesteps); the lowest is used.", "",
+              "| backbone | family | chosen | losses by rate |", "|---|---|---|---|"]
+    for backbone, sweep in prov["lr_sweep"].items():
+      for fam, e in sorted(sweep.items()):
+        losses = ", ".join(f"{lr}: {v:.5f}" for lr, v in sorted(e["losses"].items(),
+                                                                 key=lambda kv: float(kv[0])))
+        lines.append(f"| {backbone} | {fam} | {e.get('lr')} | {losses} |")
   doc_dir = os.path.dirname(os.path.abspath(doc_path))
   for backbone in runs:
     tail = _entry(_final(records[0]), "domain", "frequency/tail") or {}
@@ -212,6 +354,15 @@ def write(records, study, workdir, out_path, doc_path):
       plots.save_png(os.path.join(doc_dir, rel), grid)
       lines += ["", f"Tail-class samples ({backbone}; rows: {', '.join(names)}):", "",
                 f"![tail samples]({rel})"]
+    heatmap = os.path.join(workdir, backbone, study.targets[0], "grasp_gradient", "seed0",
+                           "partition_alignment.png")
+    if os.path.exists(heatmap):
+      rel = os.path.join("study", f"partition_alignment_{backbone}.png")
+      os.makedirs(os.path.join(doc_dir, "study"), exist_ok=True)
+      shutil.copyfile(heatmap, os.path.join(doc_dir, rel))
+      lines += ["", f"The measured (gradient) partition's class cosine matrix on the target's "
+                f"training split, ordered by cluster ({backbone}):", "",
+                f"![gradient partition]({rel})"]
   os.makedirs(doc_dir, exist_ok=True)
   with open(doc_path, "w") as f:
     f.write("\n".join(lines) + "\n")

@@ -13,8 +13,6 @@ from clu import metric_writers
 import jax
 import numpy as np
 
-from grasp_jax import files
-from grasp_jax.evaluation import gradient_conflict
 from grasp_jax.inference import export
 from grasp_jax.inference import generate
 from grasp_jax.inference import model as inference_model
@@ -83,14 +81,10 @@ def export_run(exp, trainer, workdir, *, use_ema=None, clusters=None):
 
 def diagnose(exp, trainer, workdir):
   """Gradient-conflict diagnostics of the trained model -> WORKDIR/diagnostics/step_<n>.json."""
-  step = int(trainer.state.step)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   with jax.set_mesh(trainer.mesh):
-    result = gradient_conflict.run_diagnostics(
-        exp, trainable_lib.merge(trainer.state.params, trainer.frozen), trainer.state.extra,
-        exp.heldout_batches(trainer.mesh), jax.random.key(exp.config.seed + 1), writer, step)
-  if jax.process_index() == 0:
-    files.write_json(os.path.join(workdir, "diagnostics", f"step_{step}.json"), result, indent=2)
+    result = hooks.diagnose(exp, trainer, writer, int(trainer.state.step),
+                            exp.heldout_batches(trainer.mesh))
   writer.flush()
   return result
 

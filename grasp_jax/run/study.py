@@ -8,7 +8,10 @@ WORKDIR/<backbone>/base; (2) the learning-rate sweep: every method family at eve
 target's class-balanced validation split (fixed noise and timesteps for every rate) ->
 WORKDIR/<backbone>/sweep.json; (3) every run x target x seed at its family's rate
 (WORKDIR/<backbone>/<target>/<run>/seed<k>: the run's own workdir, evaluated in training and at
-the end), each recorded as study_run.json when done; (4) the report (grasp_jax/run/report.py).
+the end, gradient-conflict diagnostics at the end), each recorded as study_run.json when done;
+(4) per backbone and target, the within- vs between-cluster gradient alignment of the GRASP
+runs' partitions (prior, random, measured, K = C) on held-out batches of the frozen base ->
+WORKDIR/<backbone>/<target>/alignment.json; (5) the report (grasp_jax/run/report.py).
 Finished pieces are skipped, so an interrupted study continues where it stopped; a half-done run
 restarts from its last checkpoint.
 """
@@ -38,7 +41,9 @@ flags.DEFINE_bool("report_only", False, "Only aggregate the finished runs.")
 
 
 def plan(study, runs=None):
-  """[(backbone, target, run, seed)] in the order they are trained: headline runs first."""
+  """[(backbone, target, run, seed)] in the order they are trained: per backbone and target
+  (headline target first) the zero-step base and the seeded runs at every seed, then the other
+  runs at the first seed, so that an interrupted study has its headline comparison first."""
   known = list(study.runs[study.backbones[0]])
   runs = list(runs or known)
   unknown = sorted(set(runs) - set(known))
@@ -46,11 +51,11 @@ def plan(study, runs=None):
     raise ValueError(f"--runs: unknown {unknown}; known: {known}")
   out = []
   for backbone in study.backbones:
-    for seed in study.seeds:
-      for target in study.targets:
-        for run in runs:
-          if seed == study.seeds[0] or run in study.seeded:
-            out.append((backbone, target, run, seed))
+    for target in study.targets:
+      first = [r for r in runs if r == "base" or r in study.seeded]
+      out += [(backbone, target, r, seed) for seed in study.seeds for r in first
+              if seed == study.seeds[0] or r in study.seeded]
+      out += [(backbone, target, r, study.seeds[0]) for r in runs if r not in first]
   return out
 
 
@@ -146,6 +151,35 @@ def run_one(study, workdir, backbone, target, run, seed, base, lrs):
   return record
 
 
+# The partitions whose held-out alignment the study compares (runs of one K each).
+ALIGNMENT_RUNS = ("grasp", "grasp_random", "grasp_gradient", "grasp_kc")
+
+
+def partition_alignment(study, workdir, backbone, target, base):
+  """WORKDIR/<backbone>/<target>/alignment.json: `gradient_partition.heldout_alignment` of the
+  seed-0 partitions of ALIGNMENT_RUNS that exist (None when none does); resumable."""
+  from grasp_jax import partition as partition_lib  # pylint: disable=g-import-not-at-top
+  from grasp_jax.run import gradient_partition  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, backbone, target, "alignment.json")
+  parts = {r: os.path.join(workdir, backbone, target, r, "seed0", "partition.json")
+           for r in ALIGNMENT_RUNS}
+  parts = {r: partition_lib.Partition.load(p) for r, p in parts.items() if os.path.exists(p)}
+  if os.path.exists(path) and set(files.read_json(path)["partitions"]) == set(parts):
+    return files.read_json(path)
+  if not parts:
+    return None
+  config = study.runs[backbone][study.compare_to].copy_and_resolve_references()
+  with config.unlocked():
+    config.data.config = target
+    config.partition.healthy = study.healthy[target]
+    config.model.pretrained = base
+  out = gradient_partition.heldout_alignment(config, os.path.join(workdir, backbone, target),
+                                             parts)
+  out["partitions"] = sorted(parts)
+  files.write_json(path, out)
+  return out
+
+
 def collect(workdir):
   """Every finished run's record in WORKDIR (this invocation's and earlier ones')."""
   return [files.read_json(p) for p in
@@ -177,4 +211,6 @@ def main(argv):
         lrs[backbone] = sweep(study, FLAGS.workdir, backbone, bases[backbone], families)
     logging.info("study: %s / %s / %s / seed %d", backbone, target, run, seed)
     run_one(study, FLAGS.workdir, backbone, target, run, seed, bases[backbone], lrs[backbone])
+  for backbone, target in dict.fromkeys((b, t) for b, t, _, _ in todo):
+    partition_alignment(study, FLAGS.workdir, backbone, target, bases[backbone])
   report.write(collect(FLAGS.workdir), study, FLAGS.workdir, FLAGS.out, FLAGS.doc)
