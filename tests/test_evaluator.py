@@ -98,6 +98,12 @@ def test_paired_comparison_recomputes_from_saved_features(tmp_path):
     compare.paired(tmp_path / "a", tmp_path / "c", "fd")
   with pytest.raises(ValueError, match="unknown group 'head'"):
     compare.paired(tmp_path / "a", tmp_path / "b", "fd", "head")
+  # A group with no more samples than PRDC's k: no k-NN balls, so no verdict (not a crash).
+  small = np.repeat([0, 1], [n - 4, 4])
+  for name in ("d", "e"):
+    _write_run(tmp_path / name, good, small, small, np.ones(n), {**ref, "labels": small})
+  few = compare.paired(tmp_path / "d", tmp_path / "e", "coverage", "frequency/tail")
+  assert (few["diff"], few["verdict"], few["n"]) == (None, "inconclusive", 4)
   with open(tmp_path / "a" / "eval" / "step_000003" / "features.npz", "rb") as f:
     assert f.read(2) == b"PK"  # A zip: numpy's npz.
 

@@ -260,6 +260,7 @@ def test_measurement_config_measures_the_frozen_base_without_a_partition(tmp_pat
   config.diffusion.cbdm_weight = 0.5
   cfg = gradient_partition.measurement_config(config, str(tmp_path), "train", 7)
   assert (cfg.partition.strategy, cfg.partition.k, cfg.method.adapter) == ("single", 1, "none")
+  assert tuple(cfg.method.trainable) == (r".*",)  # A GRASP run's patterns would match nothing.
   assert cfg.diffusion.cfg_dropout == 0 and cfg.diffusion.cbdm_weight == 0
   assert cfg.model.pretrained == os.path.join(str(tmp_path), "base")  # The demo's own base.
   assert (cfg.data.eval_split, cfg.train.diagnostics_batches) == ("train", 7)

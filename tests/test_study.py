@@ -19,11 +19,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_plan_puts_the_headline_runs_at_every_seed_first():
   s = study_config.get_config("seeds=2")
-  out = study.plan(s, ["lora", "grasp", "base"])
+  out = study.plan(s, ["lora", "grasp", "base", "grasp_gradient"])
   t0, t1 = s.targets
-  assert out == [("dit", t0, "grasp", 0), ("dit", t0, "base", 0), ("dit", t0, "grasp", 1),
-                 ("dit", t0, "lora", 0), ("dit", t1, "grasp", 0), ("dit", t1, "base", 0),
-                 ("dit", t1, "grasp", 1), ("dit", t1, "lora", 0)]
+  assert out == [("dit", t0, "base", 0), ("dit", t0, "grasp", 0), ("dit", t0, "grasp", 1),
+                 ("dit", t0, "grasp_gradient", 0), ("dit", t0, "lora", 0),
+                 ("dit", t1, "base", 0), ("dit", t1, "grasp", 0), ("dit", t1, "grasp", 1),
+                 ("dit", t1, "grasp_gradient", 0), ("dit", t1, "lora", 0)]
   with pytest.raises(ValueError, match="unknown.*'gras'"):
     study.plan(s, ["gras"])
 
@@ -55,6 +56,17 @@ def test_combine_over_seeds_matches_the_formula():
   assert report.combine([None])["n"] == 0
 
 
+def test_irs_verdict_is_unpaired_and_needs_two_seeds():
+  def record(seed, value, half):
+    irs = {"value": value, "lo": value - half, "hi": value + half}
+    return {"results": {"10": {"retrieval": {"all": {"irs": irs}, "groups": {}}}}, "seed": seed}
+  a, b = record(0, 0.5, 0.1), record(0, 0.2, 0.05)
+  d = report._unpaired(a, b, "irs", "all")
+  half = 1.96 * math.sqrt((0.2 / 3.92) ** 2 + (0.1 / 3.92) ** 2)
+  assert (d["value"], d["lo"], d["hi"]) == pytest.approx((0.3, 0.3 - half, 0.3 + half))
+  assert report._unpaired(a, {"results": {"10": {}}}, "irs", "all") is None
+
+
 def test_study_smoke_end_to_end(tmp_path):
   """Three runs on the smoke study through the CLI: sweep, records, study.json, the report."""
   out, doc = tmp_path / "study.json", tmp_path / "docs" / "RESULTS.md"
@@ -74,4 +86,10 @@ def test_study_smoke_end_to_end(tmp_path):
   assert {(v["b"], v["metric"]) for v in data["verdicts"]} >= {("shared", "coverage"),
                                                                ("base", "kid")}
   assert all(v["verdict"] in ("better", "worse", "inconclusive") for v in data["verdicts"])
+  irs = [v for v in data["verdicts"] if v["metric"] == "irs"]
+  assert irs and all(not v["paired"] and v["verdict"] == "inconclusive" for v in irs)  # 1 seed.
+  # Gradient conflict at the last step of every fine-tuned run; held-out partition alignment.
+  assert runs["grasp"]["diagnostics"]["seeds"] == 1 and runs["base"]["diagnostics"] is None
+  assert -1 <= runs["grasp"]["diagnostics"]["head_tail_cosine"] <= 1
+  assert data["alignment"]["dit"]["partitions"] == ["grasp"]
   assert "| grasp |" in doc.read_text()

@@ -107,6 +107,9 @@ def paired(results_dir_a, results_dir_b, metric, group="all", *, step=None, n_bo
                                       np.arange(len(fr)), np.arange(n), n + np.arange(n),
                                       strata=(ref_y, sample_y), **kwargs)
   elif metric in ("precision", "density", "recall", "coverage"):
+    if min(len(fr), len(fa)) <= estimates.PRDC_K:  # No k-NN balls in a group this small.
+      return {"metric": metric, "group": group, "step": a["meta"]["step"], "diff": None,
+              "lo": None, "hi": None, "verdict": "inconclusive", "n": len(fa)}
     rows_a, rows_b = (estimates.prdc_rows(fr, f)[metric] for f in (fa, fb))
     labels = sample_y if metric in ("precision", "density") else ref_y
     out = intervals.paired_difference(np.mean, None, rows_a, rows_b, strata=(None, labels),

@@ -83,7 +83,10 @@ def kid(real, real_y, fake, fake_y, *, n_boot, seed=0):
                                        strata=[real_y, fake_y], n_boot=n_boot, seed=seed))
 
 
-def prdc_rows(real, fake, k=5):
+PRDC_K = 5  # Nearest neighbours of the PRDC balls (metrics.prdc's default).
+
+
+def prdc_rows(real, fake, k=PRDC_K):
   """Per-row terms of metrics.prdc: {"precision", "density"}: [N_fake] (a sample inside some
   real k-NN ball; the number of real balls holding it / k), {"recall", "coverage"}: [N_real] (a
   real image inside some sample's k-NN ball; its own ball holding a sample)."""

@@ -69,7 +69,8 @@ def measurement_config(config, workdir, split, num_batches):
   with cfg.unlocked():
     cfg.partition.strategy, cfg.partition.k = "single", 1  # The partition does not exist yet.
     cfg.partition.thresholds = cfg.partition.groups = ""
-    cfg.method.adapter = "none"
+    # No adapters; every base weight is differentiated (and so kept in float32 below).
+    cfg.method.adapter, cfg.method.trainable = "none", (r".*",)
     cfg.model.frozen_dtype = "float32"  # It differentiates the base itself.
     cfg.diffusion.cfg_dropout = 0.0
     cfg.diffusion.cbdm_weight = cfg.diffusion.coral_weight = 0.0

@@ -342,9 +342,10 @@ def write(records, study, workdir, out_path, doc_path):
               "| backbone | family | chosen | losses by rate |", "|---|---|---|---|"]
     for backbone, sweep in prov["lr_sweep"].items():
       for fam, e in sorted(sweep.items()):
-        losses = ", ".join(f"{lr}: {v:.5f}" for lr, v in sorted(e["losses"].items(),
-                                                                 key=lambda kv: float(kv[0])))
-        lines.append(f"| {backbone} | {fam} | {e.get('lr')} | {losses} |")
+        rates = sorted(e["losses"], key=float)
+        losses = ", ".join(f"{lr}: {e['losses'][lr]:.5f}" for lr in rates)
+        edge = " (grid edge)" if str(e.get("lr")) in (rates[0], rates[-1]) else ""
+        lines.append(f"| {backbone} | {fam} | {e.get('lr')}{edge} | {losses} |")
   doc_dir = os.path.dirname(os.path.abspath(doc_path))
   for backbone in runs:
     tail = _entry(_final(records[0]), "domain", "frequency/tail") or {}

@@ -3,14 +3,14 @@ r"""The study driver: every run of the study config, resumable, then the report.
   python -m grasp_jax.study --workdir=workdir/study        # results/study.json, docs/RESULTS.md
 
 Order: (1) one base per backbone, pretrained on the config's base data (the source domain) in
-WORKDIR/<backbone>/base; (2) the learning-rate sweep: every method family at every rate of
-`lr_grid`, `sweep_steps` steps on the first target, scored by the flow / diffusion loss on the
+WORKDIR/<backbone>/base; (2) the learning-rate sweep, per method family when its first run comes
+up: every rate of `lr_grid`, `sweep_steps` steps on the first target, scored by the flow / diffusion loss on the
 target's class-balanced validation split (fixed noise and timesteps for every rate) ->
 WORKDIR/<backbone>/sweep.json; (3) every run x target x seed at its family's rate
 (WORKDIR/<backbone>/<target>/<run>/seed<k>: the run's own workdir, evaluated in training and at
 the end, gradient-conflict diagnostics at the end), each recorded as study_run.json when done;
-(4) per backbone and target, the within- vs between-cluster gradient alignment of the GRASP
-runs' partitions (prior, random, measured, K = C) on held-out batches of the frozen base ->
+(4) per backbone and target, once its last partitioned run is done, the within- vs
+between-cluster gradient alignment of the GRASP runs' partitions (prior, random, measured, K = C) on held-out batches of the frozen base ->
 WORKDIR/<backbone>/<target>/alignment.json; (5) the report (grasp_jax/run/report.py).
 Finished pieces are skipped, so an interrupted study continues where it stopped; a half-done run
 restarts from its last checkpoint.
@@ -44,11 +44,11 @@ def plan(study, runs=None):
   """[(backbone, target, run, seed)] in the order they are trained: per backbone and target
   (headline target first) the zero-step base and the seeded runs at every seed, then the other
   runs at the first seed, so that an interrupted study has its headline comparison first."""
-  known = list(study.runs[study.backbones[0]])
-  runs = list(runs or known)
-  unknown = sorted(set(runs) - set(known))
+  known = list(study.run_order)  # ConfigDict keys iterate sorted; the config's order counts.
+  unknown = sorted(set(runs or ()) - set(known))
   if unknown:
     raise ValueError(f"--runs: unknown {unknown}; known: {known}")
+  runs = [r for r in known if not runs or r in runs]
   out = []
   for backbone in study.backbones:
     for target in study.targets:
@@ -198,6 +198,8 @@ def main(argv):
   jax.config.update("jax_compilation_cache_dir", os.path.join(FLAGS.workdir, "jax_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   todo = [] if FLAGS.report_only else plan(study, FLAGS.runs)
+  # The alignment of a target's partitions is measured once its last partitioned run is done.
+  last_partitioned = {(b, t): (b, t, r, s) for b, t, r, s in todo if r in ALIGNMENT_RUNS}
   bases, lrs = {}, {}
   for backbone, target, run, seed in todo:
     if backbone not in bases:
@@ -205,12 +207,16 @@ def main(argv):
       with config.unlocked():
         config.data.config = study.targets[0]  # The base itself trains on model.base_data.
         config.partition.healthy = study.healthy[study.targets[0]]
-      families = {family(study.runs[b][r]) for b, _, r, _ in todo if b == backbone}
       with lock.hold(os.path.join(FLAGS.workdir, backbone)):
         bases[backbone] = pretrain.pretrain_base(config, os.path.join(FLAGS.workdir, backbone))
-        lrs[backbone] = sweep(study, FLAGS.workdir, backbone, bases[backbone], families)
+    # Each family's rate is swept when its first run comes up (headline runs start sooner).
+    fam = family(study.runs[backbone][run])
+    swept = lrs.get(backbone, {}).get(fam, {}).get("losses", {})
+    if any(str(lr) not in swept for lr in study.lr_grid[fam]):
+      with lock.hold(os.path.join(FLAGS.workdir, backbone)):
+        lrs[backbone] = sweep(study, FLAGS.workdir, backbone, bases[backbone], {fam})
     logging.info("study: %s / %s / %s / seed %d", backbone, target, run, seed)
     run_one(study, FLAGS.workdir, backbone, target, run, seed, bases[backbone], lrs[backbone])
-  for backbone, target in dict.fromkeys((b, t) for b, t, _, _ in todo):
-    partition_alignment(study, FLAGS.workdir, backbone, target, bases[backbone])
+    if last_partitioned.get((backbone, target)) == (backbone, target, run, seed):
+      partition_alignment(study, FLAGS.workdir, backbone, target, bases[backbone])
   report.write(collect(FLAGS.workdir), study, FLAGS.workdir, FLAGS.out, FLAGS.doc)
