@@ -80,6 +80,7 @@ def test_study_smoke_end_to_end(tmp_path):
   assert data["provenance"]["lr_sweep"]["dit"]["grasp"]["lr"] > 0
   # GRASP trains K adapters, the shared adapter one at the same rank.
   assert 0 < runs["shared"]["trainable_params"] < runs["grasp"]["trainable_params"]
+  assert runs["base"]["trainable_params"] == 0 and data["provenance"]["steps"] > 0
   tail = runs["grasp"]["groups"]["frequency/tail"]
   assert tail["coverage"]["n"] == 1 and tail["coverage"]["lo"] <= tail["coverage"]["mean"]
   assert "coverage" in data["floors"]["frequency/tail"]

@@ -103,7 +103,9 @@ def diagnostics(records, workdir):
       found.append(files.read_json(path))
   if not found:
     return None
-  mean = lambda key: float(np.mean([d[key] for d in found if d.get(key) is not None]))
+  def mean(key):  # None where no seed defines it (K = 1 has no between-cluster pairs).
+    values = [d[key] for d in found if d.get(key) is not None]
+    return float(np.mean(values)) if values else None
   return {"seeds": len(found), "head_tail_cosine": float(np.mean(
       [d["head_tail"]["all"] for d in found])), "intra_pooled": mean("intra_pooled"),
           "inter": mean("inter"), "head_classes": found[0]["head_classes"],
@@ -121,7 +123,8 @@ def aggregate(records, study, workdir):
                   for _, m, _ in METRICS} for g in GROUPS}
     runs.setdefault(backbone, {})[run] = {
         "seeds": sorted(r["seed"] for r in rs), "lr": rs[0]["lr"],
-        "trainable_params": rs[0]["trainable_params"], "groups": groups,
+        # A zero-step run trains nothing (its adapters are still their zero initialisation).
+        "trainable_params": rs[0]["trainable_params"] if rs[0]["steps"] else 0, "groups": groups,
         "early": early(rs), "diagnostics": diagnostics(rs, workdir)}
     if run == study.compare_to:
       floors = {g: dict(per_seed[0][1].get(g, {})) for g in GROUPS}
@@ -145,8 +148,8 @@ def verdicts(records, study, workdir):
           c = combine([_unpaired(a, b, metric, group) for a, b in pairs])
           decided = c["n"] >= 2  # One seed: its interval ignores the seed-to-seed spread.
         else:
-          diffs = [compare.paired(_dir(workdir, a), _dir(workdir, b), metric, group)
-                   for a, b in pairs]
+          diffs = [compare.paired(_dir(workdir, a), _dir(workdir, b), metric, group,
+                                  n_boot=study.verdict_boot) for a, b in pairs]
           c = combine([{"value": d["diff"], "lo": d["lo"], "hi": d["hi"]} for d in diffs])
           decided = True
         direction = UNPAIRED.get(metric, directions.get(metric))
@@ -194,7 +197,8 @@ def provenance(records, study, workdir):
           "evaluator_accuracy": final["evaluator"]["accuracy"],
           "evaluator_ok": final["evaluator"]["ok"],
           "n_per_group": {g: (_entry(final, "domain", g) or {}).get("n_fake") for g in GROUPS},
-          "steps": any_run["steps"], "batch": any_run["batch_size"], "lr_sweep": sweeps}
+          "steps": max(r["steps"] for r in records), "batch": any_run["batch_size"],
+          "lr_sweep": sweeps}
 
 
 def _fmt(stat):
@@ -312,8 +316,9 @@ def write(records, study, workdir, out_path, doc_path):
     for run, entry in table.items():
       d = entry["diagnostics"]
       if d:
-        lines.append(f"| {run} | {d['seeds']} | {d['head_tail_cosine']:.3f} | "
-                     f"{d['intra_pooled']:.3f} | {d['inter']:.3f} |")
+        lines.append(f"| {run} | {d['seeds']} | " + " | ".join(
+            "–" if d[k] is None else f"{d[k]:.3f}"
+            for k in ("head_tail_cosine", "intra_pooled", "inter")) + " |")
     lines.append("")
   for backbone, a in data["alignment"].items():
     rel = a["reliability"]
@@ -321,9 +326,10 @@ def write(records, study, workdir, out_path, doc_path):
               f"Frozen base, `{a['split']}` split (split-half r = {rel['split_half']:.3f}): "
               "mean class-gradient cosine within and between each partition's clusters.", "",
               "| partition (run) | within | between | gap |", "|---|---|---|---|"]
-    for name in a["partitions"]:
-      lines.append(f"| {name} | {a[name]['intra_pooled']:.3f} | {a[name]['inter']:.3f} | "
-                   f"{a[name]['gap']:+.3f} |")
+    for name in a["partitions"]:  # K = C has no within-cluster pairs: "–".
+      lines.append(f"| {name} | " + " | ".join(
+          "–" if a[name][k] is None else f"{a[name][k]:{f}}"
+          for k, f in (("intra_pooled", ".3f"), ("inter", ".3f"), ("gap", "+.3f"))) + " |")
     lines.append("")
   counts = collections.Counter((v["b"], v["verdict"]) for v in data["verdicts"]
                                if v["group"] == "frequency/tail")
