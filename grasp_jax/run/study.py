@@ -4,14 +4,15 @@ r"""The study driver: every run of the study config, resumable, then the report.
 
 Order: (1) one base per backbone, pretrained on the config's base data (the source domain) in
 WORKDIR/<backbone>/base; (2) the learning-rate sweep, per method family when its first run comes
-up: every rate of `lr_grid`, `sweep_steps` steps on the first target, scored by the flow / diffusion loss on the
-target's class-balanced validation split (fixed noise and timesteps for every rate) ->
-WORKDIR/<backbone>/sweep.json; (3) every run x target x seed at its family's rate
+up: every rate of `lr_grid`, `sweep_steps` steps on the first target, scored by the flow /
+diffusion loss on the target's class-balanced validation split (fixed noise and timesteps for
+every rate) -> WORKDIR/<backbone>/sweep.json; (3) every run x target x seed at its family's rate
 (WORKDIR/<backbone>/<target>/<run>/seed<k>: the run's own workdir, evaluated in training and at
 the end, gradient-conflict diagnostics at the end), each recorded as study_run.json when done;
 (4) per backbone and target, once its last partitioned run is done, the within- vs
-between-cluster gradient alignment of the GRASP runs' partitions (prior, random, measured, K = C) on held-out batches of the frozen base ->
-WORKDIR/<backbone>/<target>/alignment.json; (5) the report (grasp_jax/run/report.py).
+between-cluster gradient alignment of the GRASP runs' partitions (prior, random, measured,
+K = C) on held-out batches of the frozen base -> WORKDIR/<backbone>/<target>/alignment.json;
+(5) the report (grasp_jax/run/report.py).
 Finished pieces are skipped, so an interrupted study continues where it stopped; a half-done run
 restarts from its last checkpoint.
 """
@@ -164,8 +165,9 @@ def partition_alignment(study, workdir, backbone, target, base):
   parts = {r: os.path.join(workdir, backbone, target, r, "seed0", "partition.json")
            for r in ALIGNMENT_RUNS}
   parts = {r: partition_lib.Partition.load(p) for r, p in parts.items() if os.path.exists(p)}
-  if os.path.exists(path) and set(files.read_json(path)["partitions"]) == set(parts):
-    return files.read_json(path)
+  done = files.read_json(path) if os.path.exists(path) else None
+  if done and set(done["partitions"]) == set(parts):
+    return done
   if not parts:
     return None
   config = study.runs[backbone][study.compare_to].copy_and_resolve_references()
