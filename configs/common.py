@@ -115,6 +115,9 @@ def base_config():
   c.model.base_data = mlc.ConfigDict()
   c.model.base_steps = 0
   c.model.base_learning_rate = 3e-4
+  # Restore the base that ships with the package for this pretraining config, when one does
+  # (grasp_jax/run/pretrain.py); False trains it here.
+  c.model.base_shipped = True
 
   c.text = mlc.ConfigDict()
   # 'minilm' (bundled), 'pipeline' (the text encoders of model.pretrained), or a diffusers

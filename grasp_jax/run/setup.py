@@ -165,6 +165,7 @@ FIELDS = {
     "model.base_data": data_overrides(),  # What differs for pretraining the base.
     "model.base_steps": COUNT,
     "model.base_learning_rate": real(0, lo_open=True),
+    "model.base_shipped": boolean(),
     "text.encoder": text(r".+", "'minilm', 'pipeline' or a folder"),
     "text.max_length": SIZE,
     "text.cache": boolean(),
