@@ -7,6 +7,8 @@ import sys
 import pytest
 from safetensors.numpy import load_file
 
+from grasp_jax.evaluation import evaluator
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -67,6 +69,9 @@ def test_demo_samples_every_class_and_writes_results(demo_run):
     assert group in text
   assert {"fd", "coverage", "floor"} <= set(entry["domain"]["groups"]["frequency/tail"])
   assert {"irs", "memorization"} <= set(entry["retrieval"]["all"])
+  robust = entry["evaluator"]["robustness"]
+  assert set(robust) == {"none", *evaluator.PERTURBATIONS}
+  assert all(0 <= v <= 1 for v in robust.values())
   summary = entry["summary"]  # The end-of-run summary (run/summary.py).
   assert 0 <= summary["sample_accuracy"] <= 1 and 0 <= summary["evaluator_accuracy_real"] <= 1
   assert os.path.exists(summary["before_after_grid"]) and summary["seconds"] > 0

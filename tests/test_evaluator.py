@@ -11,6 +11,7 @@ from grasp_jax.evaluation import classifier
 from grasp_jax.evaluation import compare
 from grasp_jax.evaluation import downstream
 from grasp_jax.evaluation import estimates
+from grasp_jax.evaluation import evaluator
 from grasp_jax.evaluation import metrics
 from grasp_jax.run import evaluate
 
@@ -160,3 +161,18 @@ def test_early_stopping_keeps_the_best_validated_weights():
   assert h["steps_run"] == stops[-1]
   assert h["steps_run"] == 12 or curve[stops[-1]] <= curve[stops[-2]]
   json.dumps(h)  # The record goes into results.json.
+
+
+def test_perturbations_against_loops():
+  x = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 1)).astype(np.uint8)
+  assert np.array_equal(evaluator.perturb(x, "brightness+40"), np.minimum(x.astype(int) + 40, 255))
+  blocks = evaluator.perturb(x, "blocks4x4")
+  for n in range(3):
+    for i in range(8):
+      for j in range(8):
+        b = x[n, i // 4 * 4:i // 4 * 4 + 4, j // 4 * 4:j // 4 * 4 + 4, 0]
+        assert blocks[n, i, j, 0] == np.clip(np.round(b.mean()), 0, 255)
+  noisy = evaluator.perturb(np.full((64, 32, 32, 1), 128, np.uint8), "noise_sd20").astype(float)
+  assert abs(noisy.std() - 20) < 1 and abs(noisy.mean() - 128) < 1
+  with pytest.raises(ValueError, match="unknown perturbation 'blur'"):
+    evaluator.perturb(x, "blur")

@@ -78,6 +78,8 @@ def test_study_smoke_end_to_end(tmp_path):
   runs = data["runs"]["dit"]
   assert set(runs) == {"base", "grasp", "shared"}
   assert data["provenance"]["lr_sweep"]["dit"]["grasp"]["lr"] > 0
+  assert set(data["provenance"]["evaluator_robustness"]) == {"none", "brightness+40",
+                                                            "noise_sd20", "blocks4x4"}
   # GRASP trains K adapters, the shared adapter one at the same rank.
   assert 0 < runs["shared"]["trainable_params"] < runs["grasp"]["trainable_params"]
   assert runs["base"]["trainable_params"] == 0 and data["provenance"]["steps"] > 0

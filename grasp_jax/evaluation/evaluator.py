@@ -67,6 +67,35 @@ def key(spec):
   return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
+# Low-level changes a generator's samples often carry (uint8 scale): how much of "conditional
+# accuracy" is class identity and how much is matching the real images' brightness and texture.
+PERTURBATIONS = ("brightness+40", "noise_sd20", "blocks4x4")
+
+
+def perturb(images, name, seed=0):
+  """uint8 images [N, H, W, C] under one of PERTURBATIONS: +40 grey levels; Gaussian noise of
+  sd 20 (seeded); every 4x4 block replaced by its mean (a patch-4 model's blockiness)."""
+  x = images.astype(np.float32)
+  if name == "brightness+40":
+    x = x + 40
+  elif name == "noise_sd20":
+    x = x + np.random.default_rng(seed).normal(0, 20, x.shape)
+  elif name == "blocks4x4":
+    n, h, w, c = x.shape
+    x = np.repeat(np.repeat(x.reshape(n, h // 4, 4, w // 4, 4, c).mean((2, 4)), 4, 1), 4, 2)
+  else:
+    raise ValueError(f"unknown perturbation {name!r}; known: {PERTURBATIONS}")
+  return np.clip(np.round(x), 0, 255).astype(np.uint8)
+
+
+def robustness(clf, images, labels):
+  """{"none" and each of PERTURBATIONS: the evaluator's accuracy on `images`}."""
+  out = {"none": float(np.mean(clf.predict(images) == labels))}
+  for name in PERTURBATIONS:
+    out[name] = float(np.mean(clf.predict(perturb(images, name)) == labels))
+  return out
+
+
 SHIPPED = os.path.dirname(os.path.abspath(__file__))  # SHIPPED/domain_classifier/<key>.*
 
 

@@ -298,6 +298,7 @@ def evaluate(exp, params, extra, workdir, writer, step, *, rng, mesh=None, sampl
                                                 names, n_boot=n_boot)
   results["accuracy"] = blocks.accuracy_block(fake_p, fake_y, twin_p, twin_y, real_p, real_y,
                                               groups, order, names, n_boot=n_boot)
+  results["evaluator"]["robustness"] = evaluator.robustness(clf, real, real_y)  # The references.
   if c.eval.inception:
     extractor = _inception(c.eval.fid_mode)
     inc = extractor(np.concatenate([real, twin, fake]))

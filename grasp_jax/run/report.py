@@ -196,6 +196,9 @@ def provenance(records, study, workdir):
                                        list(study.targets), "headline": study.targets[0]},
           "evaluator_accuracy": final["evaluator"]["accuracy"],
           "evaluator_ok": final["evaluator"]["ok"],
+          # One evaluator serves every run; runs evaluated before it was measured lack it.
+          "evaluator_robustness": next((_final(r)["evaluator"]["robustness"] for r in records
+                                        if "robustness" in _final(r)["evaluator"]), None),
           "n_per_group": {g: (_entry(final, "domain", g) or {}).get("n_fake") for g in GROUPS},
           "steps": max(r["steps"] for r in records), "batch": any_run["batch_size"],
           "lr_sweep": sweeps}
@@ -282,6 +285,12 @@ def write(records, study, workdir, out_path, doc_path):
       + ("" if prov["evaluator_ok"] else " (**below the floor: flagged**)")
       + f", {prov['steps']} steps at batch {prov['batch']}; samples per group: "
       + ", ".join(f"{g} {n}" for g, n in prov["n_per_group"].items()) + ".", ""]
+  if prov["evaluator_robustness"]:
+    lines += ["The evaluator's accuracy on the real reference images as they are and under "
+              "low-level changes that samples often carry (class identity unchanged): "
+              + ", ".join(f"{k} {v:.3f}" for k, v in prov["evaluator_robustness"].items())
+              + ". A large drop means that conditional accuracy also scores how well samples "
+              "match the target's brightness and texture, not only their class.", ""]
   for backbone, table in runs.items():
     missing = sorted(planned - set(table))
     lines += [f"Finished runs ({backbone}): {len(table)} of {len(planned)}"
