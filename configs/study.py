@@ -12,7 +12,9 @@ rank and at GRASP's total parameters, GRASP with K = C, a random partition, the 
 alignment partition, LoRA, learned-gating MoE, CBDM, CORAL, self-guided minority sampling on
 GRASP and on full fine-tuning, and cluster-balanced sampling for full and GRASP. Equal steps and
 batch; the learning rate of every method family from a sweep (LR_GRID) on the target's validation
-split; `seeds` seeds for the headline runs (SEEDED), one for the rest.
+split; `seeds` seeds for the headline runs (SEEDED), one for the rest. Every run on the
+headline target (`target_p0`); the zero-step base and the headline runs again on `target_p1`
+(the replication under another class -> count permutation).
 """
 import ml_collections as mlc
 

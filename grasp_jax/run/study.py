@@ -43,8 +43,10 @@ flags.DEFINE_bool("report_only", False, "Only aggregate the finished runs.")
 
 def plan(study, runs=None):
   """[(backbone, target, run, seed)] in the order they are trained: per backbone and target
-  (headline target first) the zero-step base and the seeded runs at every seed, then the other
-  runs at the first seed, so that an interrupted study has its headline comparison first."""
+  (headline target first) the zero-step base and the seeded runs at every seed, then, on the
+  headline target only, the other runs at the first seed, so that an interrupted study has its
+  headline comparison first. A later target replicates the headline comparison under another
+  class -> count permutation."""
   known = list(study.run_order)  # ConfigDict keys iterate sorted; the config's order counts.
   unknown = sorted(set(runs or ()) - set(known))
   if unknown:
@@ -56,7 +58,8 @@ def plan(study, runs=None):
       first = [r for r in runs if r == "base" or r in study.seeded]
       out += [(backbone, target, r, seed) for seed in study.seeds for r in first
               if seed == study.seeds[0] or r in study.seeded]
-      out += [(backbone, target, r, study.seeds[0]) for r in runs if r not in first]
+      if target == study.targets[0]:
+        out += [(backbone, target, r, study.seeds[0]) for r in runs if r not in first]
   return out
 
 
