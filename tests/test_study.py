@@ -3,6 +3,7 @@ study through the CLI (the one slow end-to-end check of the study)."""
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -94,4 +95,15 @@ def test_study_smoke_end_to_end(tmp_path):
   assert runs["grasp"]["diagnostics"]["seeds"] == 1 and runs["base"]["diagnostics"] is None
   assert -1 <= runs["grasp"]["diagnostics"]["head_tail_cosine"] <= 1
   assert data["alignment"]["dit"]["partitions"] == ["grasp"]
-  assert "| grasp |" in doc.read_text()
+  assert "| grasp |" in doc.read_text() and data["replication"] == {}
+  # A second target replicates the headline runs: the same runs relabelled must report the same.
+  w = tmp_path / "w"
+  shutil.copytree(w / "dit" / "target_small", w / "dit" / "target_copy")
+  for record in (w / "dit" / "target_copy").glob("*/seed*/study_run.json"):
+    record.write_text(json.dumps({**json.loads(record.read_text()), "target": "target_copy"}))
+  s = study_config.get_config("smoke,seeds=1")
+  s.targets = ("target_small", "target_copy")
+  report.write(study.collect(str(w)), s, str(w), str(out), str(doc))
+  copy = json.loads(out.read_text())["replication"]["target_copy"]
+  assert copy["runs"] == data["runs"] and copy["verdicts"] == data["verdicts"]
+  assert "Replication on `target_copy`" in doc.read_text()

@@ -1,13 +1,14 @@
 """The study's report: per-run records -> results/study.json and docs/RESULTS.md.
 
-Per run (backbone, run; the first target is the headline, every target is kept): per group the
-final evaluation's metrics as {mean, lo, hi}. One seed: the value and its bootstrap interval over
-images. Several seeds: the mean over seeds, with mean +- 1.96 * sqrt(var_seeds / n + mean
-(se_within^2) / n), se_within from each seed's 95% interval (a normal approximation that counts
-both the seed-to-seed and the image-level noise). Floors: the real-vs-real value of every metric
-(the evaluation's held-out real twin against the same reference, at the samples' N). Verdicts:
-`compare_to` against every other run, per group and metric, from the paired bootstrap over
-images (grasp_jax.evaluation.compare) at matched seeds, combined over seeds as above; `better` /
+Per run (backbone, run; the first target is the headline, later targets replicate the headline
+runs and are reported under `replication`): per group the final evaluation's metrics as {mean,
+lo, hi}. One seed: the value and its bootstrap interval over images. Several seeds: the mean
+over seeds, with mean +- 1.96 * sqrt(var_seeds / n + mean (se_within^2) / n), se_within from
+each seed's 95% interval (a normal approximation that counts both the seed-to-seed and the
+image-level noise). Floors: the real-vs-real value of every metric (the evaluation's held-out
+real twin against the same reference, at the samples' N). Verdicts: `compare_to` against every
+other run, per group and metric, from the paired bootstrap over images
+(grasp_jax.evaluation.compare) at matched seeds, combined over seeds as above; `better` /
 `worse` only when the interval excludes 0.
 """
 import collections
@@ -33,6 +34,7 @@ GROUPS = ("frequency/head", "frequency/medium", "frequency/tail", "frequency/hea
 # The early-vs-final table (tail overfitting shows as a drop between the two evaluations).
 TRAJECTORY = (("accuracy", "conditional_accuracy"), ("domain", "coverage"), ("domain", "fd"))
 GRID_RUNS = ("base", "full", "grasp", "shared")
+REPLICATION_METRICS = ("coverage", "kid", "conditional_accuracy", "irs")
 
 
 def _final(record):
@@ -112,10 +114,11 @@ def diagnostics(records, workdir):
           "tail_classes": found[0]["tail_classes"]}
 
 
-def aggregate(records, study, workdir):
-  """The `runs` and `floors` of study.json (module docstring)."""
+def aggregate(records, study, workdir, target=None):
+  """The `runs` and `floors` of study.json (module docstring) on `target` (default: the
+  headline target)."""
   runs, floors = {}, {}
-  target = study.targets[0]
+  target = target or study.targets[0]
   for (backbone, run), rs in _by([r for r in records if r["target"] == target],
                                  "backbone", "run").items():
     per_seed = [run_metrics(_final(r)) for r in sorted(rs, key=lambda r: r["seed"])]
@@ -131,10 +134,11 @@ def aggregate(records, study, workdir):
   return runs, floors
 
 
-def verdicts(records, study, workdir):
-  """Paired verdicts `compare_to` vs every other run (module docstring)."""
+def verdicts(records, study, workdir, target=None):
+  """Paired verdicts `compare_to` vs every other run (module docstring) on `target` (default:
+  the headline target)."""
   out = []
-  target = study.targets[0]
+  target = target or study.targets[0]
   by_run = _by([r for r in records if r["target"] == target], "backbone", "run")
   directions = dict(compare.DIRECTION)
   for (backbone, run), rs in sorted(by_run.items()):
@@ -270,9 +274,13 @@ def write(records, study, workdir, out_path, doc_path):
   if not records:
     raise ValueError(f"no finished runs in {workdir}")
   runs, floors = aggregate(records, study, workdir)
+  # Later targets replicate the headline comparison under another class -> count permutation.
+  replication = {t: {"runs": aggregate(records, study, workdir, t)[0],
+                     "verdicts": verdicts(records, study, workdir, t)}
+                 for t in study.targets[1:] if any(r["target"] == t for r in records)}
   data = {"provenance": provenance(records, study, workdir), "runs": runs, "floors": floors,
           "verdicts": verdicts(records, study, workdir),
-          "alignment": alignment(study, workdir)}
+          "alignment": alignment(study, workdir), "replication": replication}
   files.write_json(out_path, data)
   prov = data["provenance"]
   planned = {r for r in study.runs[study.backbones[0]]}
@@ -296,6 +304,16 @@ def write(records, study, workdir, out_path, doc_path):
     lines += [f"Finished runs ({backbone}): {len(table)} of {len(planned)}"
               + (f"; not yet run: {', '.join(missing)}." if missing else "."), ""]
   lines += ["## Summary (generated from the paired verdicts)", "", *summary(data, study), ""]
+  tail = "frequency/tail"
+  for target, rep in replication.items():
+    lines += [f"## Replication on `{target}` (another class -> count permutation), tail group",
+              "", "| run | seeds | " + " | ".join(REPLICATION_METRICS) + " |",
+              "|---" * (len(REPLICATION_METRICS) + 2) + "|"]
+    for backbone, table in rep["runs"].items():
+      for run, entry in table.items():
+        lines.append(f"| {backbone} {run} | {len(entry['seeds'])} | " + " | ".join(
+            _fmt(entry["groups"][tail][m]) for m in REPLICATION_METRICS) + " |")
+    lines += ["", *summary(rep, study), ""]
   for backbone, table in runs.items():
     for group in GROUPS:
       lines += [f"## {backbone}: {group}", "",
