@@ -11,7 +11,7 @@ grasp_jax/run/pretrain.py, and is trained here only for other base fields); the 
 order drawn by a seeded permutation), every image a radiograph (grasp_jax/data/domains.py),
 prompts "an x-ray scan of a coat", sampled at natural frequency. Its most frequent class plays
 the healthy group ("No Finding").
-Hardware: 2 CPU cores; the whole run (restore the base, fine-tune, sample, evaluate) takes ~5
+Hardware: 2 CPU cores; the whole run (restore the base, fine-tune, sample, evaluate) takes ~9
 minutes (README).
 Expected: WORKDIR/partition.json, base/ (the pretrained base as a diffusers folder),
 checkpoints/, samples/<class>/*.png, results.json with per-group metrics, export/.
