@@ -6,6 +6,7 @@ import sys
 
 import pytest
 from safetensors.numpy import load_file
+import tensorflow_datasets as tfds
 
 from grasp_jax.evaluation import evaluator
 
@@ -61,6 +62,11 @@ def test_demo_samples_every_class_and_writes_results(demo_run):
   for folder in folders:
     pngs = [n for n in os.listdir(os.path.join(workdir, "samples", folder)) if n.endswith(".png")]
     assert len(pngs) == 2  # config.sample.per_class of the smoke variant.
+  # Conditioned on the target's prompts, which the run trained on, not the source's.
+  synthetic = tfds.builder_from_directory(os.path.join(workdir, "samples", "tfds",
+                                                       "grasp_synthetic", "1.0.0"))
+  texts = {e["prompt"].decode() for e in synthetic.as_data_source("train")}
+  assert "an x-ray scan of a trouser" in texts and len(texts) == 10
   with open(os.path.join(workdir, "results.json")) as f:
     results = json.load(f)
   entry = results["4"]

@@ -9,6 +9,7 @@ import tensorflow_datasets as tfds
 
 import fixtures_data as fx
 from grasp_jax.data import domains
+from grasp_jax.data.builders import class_prompts
 from grasp_jax.data.builders import fashion_mnist_lt as fm
 
 FMNIST_REAL_DIR = os.environ.get("FMNIST_DIR") or "/usr/share/datasets/fashion-mnist"
@@ -139,6 +140,12 @@ def test_source_and_target_builds_from_fabricated_idx(tmp_path, monkeypatch):
     want = reference_radiograph(train_images[i], 0, i, domains.Radiograph())
     assert np.abs(e["image"][..., 0].astype(int) - want).max() <= 1
     assert e["prompt"].decode().startswith("an x-ray scan of a")
+  # Sampling conditions on the prompts each config's examples carry (never the source's on the
+  # target): class_prompts is the one rule for both.
+  for config, split in (("source", src["train"]), ("target_p1", tgt["train"])):
+    for e in split:
+      name = e["class_name"].decode()
+      assert e["prompt"].decode() == class_prompts.class_prompt("fashion_mnist_lt", config, name)
   # The target's test split is the whole t10k set (balanced), in the radiograph domain.
   test_images, test_labels = raw["test"]
   assert sorted(index_of(e) for e in tgt["test"]) == list(range(len(test_labels)))

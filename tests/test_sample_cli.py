@@ -162,8 +162,12 @@ def test_adapter_export_loads_the_same_model(run):
 # ---------------------------------------------------------------------------------------------
 # Routing.
 
+def _data(name, config=""):
+  return types.SimpleNamespace(name=name, config=config)
+
+
 def mimic_router(part):
-  return routing.Router(generator.routing_table(part, "mimic_cxr_lt"))
+  return routing.Router(generator.routing_table(part, _data("mimic_cxr_lt")))
 
 
 def test_phrases_and_nested_names():
@@ -174,7 +178,7 @@ def test_phrases_and_nested_names():
   assert router.labels("Chest X-ray showing SUBCUTANEOUS emphysema") == ["Subcutaneous Emphysema"]
   assert router.labels("pleural effusions and a fracture") == ["Pleural Effusion", "Fracture"]
   assert router.labels("chest x-ray showing edematous lungs") == []
-  fashion = routing.Router(generator.routing_table(PARTITION, "fashion_mnist_lt"))
+  fashion = routing.Router(generator.routing_table(PARTITION, _data("fashion_mnist_lt")))
   assert fashion.labels("a photo of a t-shirt/top") == ["T-shirt/top"]  # Not 'shirt' inside it.
   assert fashion.labels("two bags") == ["Bag"]
 
@@ -185,7 +189,7 @@ def test_router_agrees_with_the_partition_on_label_sets():
   part = partition_lib.build_partition(names, rng.integers(1, 500, len(names)),
                                        strategy="healthy+frequency", k=4,
                                        healthy="No Finding")
-  router = routing.Router(generator.routing_table(part, "nih_cxr_lt"))
+  router = routing.Router(generator.routing_table(part, _data("nih_cxr_lt")))
   for pair in itertools.combinations(names, 2):
     prompt = f"chest x-ray showing {pair[0].lower()} and {pair[1].replace('_', ' ')}"
     found, k = router.route(prompt)

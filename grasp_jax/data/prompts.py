@@ -13,6 +13,16 @@ def photo_prompt(class_name: str) -> str:
   return f"a photo of {article} {name}"
 
 
+def xray_prompt(class_name: str) -> str:
+  name = human_name(class_name)
+  article = "an" if name[:1] in "aeiou" else "a"
+  return f"an x-ray scan of {article} {name}"
+
+
+# A builder config's appearance -> its class prompt (fashion_mnist_lt's source and target).
+TEMPLATES = {"photo": photo_prompt, "radiograph": xray_prompt}
+
+
 def findings_prompt(positive_names: Sequence[str], no_finding: str = "No Finding") -> str:
   """Template prompt for chest X-rays: 'chest x-ray showing cardiomegaly and edema'."""
   findings = [human_name(n) for n in positive_names if n != no_finding]
@@ -21,10 +31,3 @@ def findings_prompt(positive_names: Sequence[str], no_finding: str = "No Finding
   listed = findings[0] if len(findings) == 1 else (
       ", ".join(findings[:-1]) + " and " + findings[-1])
   return f"chest x-ray showing {listed}"
-
-
-def class_prompt(dataset: str, class_name: str) -> str:
-  """The builders' template prompt of a class (what sampling and CBDM condition on)."""
-  if "cxr" in dataset:
-    return findings_prompt([class_name])
-  return photo_prompt(class_name)

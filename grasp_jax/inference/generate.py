@@ -1,12 +1,12 @@
 """Sampling from a trained experiment: images per class, per-cluster grids, synthetic datasets.
 
-Every sample is conditioned on its class's prompt in the dataset's own template
-(`prompts.class_prompt`: "a photo of a trouser", "chest x-ray showing cardiomegaly"; for
-MIMIC-CXR-LT, which trains on report impressions where it has them, the template its builder
-writes for studies without one), embedded by the experiment's cached text encoder. Its adapter
-row is the partition's cluster of that class (`exp.partition`, the one source of cluster ids),
-in the conditional and the unconditional (classifier-free guidance) pass alike. Sampler, steps
-and guidance come from `config.sample`.
+Every sample is conditioned on its class's prompt in the template of the run's builder config
+(`class_prompts.class_prompt`: "an x-ray scan of a trouser" on the demo's target, "chest x-ray
+showing cardiomegaly"; for MIMIC-CXR-LT, which trains on report impressions where it has them,
+the template its builder writes for studies without one), embedded by the experiment's cached
+text encoder. Its adapter row is the partition's cluster of that class (`exp.partition`, the one
+source of cluster ids), in the conditional and the unconditional (classifier-free guidance) pass
+alike. Sampler, steps and guidance come from `config.sample`.
 
 Free prompts go through `sample_prompts` (texts with their cluster ids; `python -m
 grasp_jax.sample` routes them, inference/sampling.py). `exp` is anything with the sampling side of
@@ -37,11 +37,11 @@ import tensorflow_datasets as tfds
 
 from grasp_jax.parallel import sharding
 from grasp_jax.data.builders import base as builder_base
+from grasp_jax.data.builders import class_prompts
 from grasp_jax.data.builders import specs
 from grasp_jax.diffusion import samplers
 from grasp_jax.evaluation import plots
 from grasp_jax.models import backbone
-from grasp_jax.data import prompts
 
 # config.sample.sampler -> grasp_jax.diffusion.samplers name.
 SAMPLERS = {"ddim": "ddim", "dpmpp2m": "dpmsolver++", "euler": "euler"}
@@ -186,7 +186,8 @@ def sample_labels(exp, params, extra, labels, rng, *, batch_size=None, mesh=None
   names = exp.partition.class_names
   if len(labels) and (labels.min() < 0 or labels.max() >= len(names)):
     raise ValueError(f"labels must lie in 0..{len(names) - 1}, got {labels.min()}..{labels.max()}")
-  texts = [prompts.class_prompt(exp.config.data.name, names[c]) for c in labels]
+  d = exp.config.data
+  texts = [class_prompts.class_prompt(d.name, d.config, names[c]) for c in labels]
   return sample_prompts(exp, params, extra, texts, exp.partition.assign(labels), rng,
                         batch_size=batch_size, mesh=mesh)
 
@@ -335,6 +336,6 @@ def run_sample(exp, params, extra, workdir, *, classes=None, per_class=None, mes
   if jax.process_index() == 0:
     names = exp.partition.class_names
     folders = write_class_folders(images, labels, names, out)
-    texts = [prompts.class_prompt(c.data.name, names[k]) for k in labels]
+    texts = [class_prompts.class_prompt(c.data.name, c.data.config, names[k]) for k in labels]
     tfds_dir = write_tfds(images, labels, names, os.path.join(out, "tfds"), prompts=texts)
   return SampleOutput(images, labels, folders, tfds_dir)

@@ -29,6 +29,7 @@ import orbax.checkpoint as ocp
 from grasp_jax import files
 from grasp_jax import partition as partition_lib
 from grasp_jax.data import prompts
+from grasp_jax.data.builders import class_prompts
 from grasp_jax.inference import conditioning
 from grasp_jax.inference import export
 from grasp_jax.inference import generate
@@ -38,19 +39,21 @@ from grasp_jax.models import backbone
 from grasp_jax.parallel import sharding
 
 
-def prompt_phrases(class_names, dataset):
+def prompt_phrases(class_names, data):
   """{class: phrases that name it in a prompt} for routing.Router: its name in words, and the
-  dataset's template prompt where that does not contain the name ('normal chest x-ray')."""
+  dataset's template prompt where that does not contain the name ('normal chest x-ray').
+  data: the run config's data section (name, config)."""
   out = {}
   for name in class_names:
-    words, template = prompts.human_name(name), prompts.class_prompt(dataset, name)
+    words = prompts.human_name(name)
+    template = class_prompts.class_prompt(data.name, data.config, name)
     out[name] = [words] if words in template else [words, template]
   return out
 
 
-def routing_table(partition, dataset):
+def routing_table(partition, data):
   """partition.json's content plus the `prompt_phrases` routing.Router reads."""
-  return {**partition.to_json(), "prompt_phrases": prompt_phrases(partition.class_names, dataset)}
+  return {**partition.to_json(), "prompt_phrases": prompt_phrases(partition.class_names, data)}
 
 
 @dataclasses.dataclass(eq=False)
@@ -76,7 +79,7 @@ class Generator:
 
   @property
   def router(self):
-    return routing.Router(routing_table(self.partition, self.config.data.name))
+    return routing.Router(routing_table(self.partition, self.config.data))
 
   def route(self, texts, *, labels=None, cluster=None, unknown=None):
     """[(labels, cluster id)] of each prompt: `cluster` (id or name) for all when given; else

@@ -205,7 +205,7 @@ def export_pipeline(params, module, config, partition, schedule, out_dir, *, sel
     for name in (os.path.join(_REMOTE, "grasp_pipeline.py"), _ROUTING):
       shutil.copy(name, tmp)
     _write(os.path.join(tmp, "partition.json"),
-           generator.routing_table(partition, config.data.name))
+           generator.routing_table(partition, config.data))
   else:
     merged, _ = export.merge(params, module, selora=selora)
     export.write_model_folder(os.path.join(tmp, sub), merged, base_config, module,

@@ -22,7 +22,7 @@ from grasp_jax import partition as partition_lib
 from grasp_jax.data import build as data_build
 from grasp_jax.data import pipeline
 from grasp_jax.data import precompute
-from grasp_jax.data import prompts
+from grasp_jax.data.builders import class_prompts
 from grasp_jax.diffusion import objectives
 from grasp_jax.inference import conditioning
 from grasp_jax.inference import latents
@@ -299,7 +299,9 @@ def build(config, workdir, *, from_scratch=False):
   codec = model.load_codec(config, module)
   conditioner = conditioning.load_conditioner(config, workdir)
   null_cond = conditioner.null_condition()
-  class_cond = conditioner.lookup([prompts.class_prompt(config.data.name, n) for n in part.class_names])
+  d = config.data
+  class_cond = conditioner.lookup([class_prompts.class_prompt(d.name, d.config, n)
+                                   for n in part.class_names])
   return Experiment(config=config, workdir=workdir, builder=builder, partition=part,
                     conditioner=conditioner, module=module,
                     lib=backbone.lib(config.model.backbone), base_params=base_params,

@@ -86,15 +86,6 @@ PROFILES = ("nih", "balanced", "exponential")
 RADIOGRAPH = domains.Radiograph()  # The target domain's appearance (in the metadata too).
 
 
-def xray_prompt(class_name: str) -> str:
-  name = prompts.human_name(class_name)
-  article = "an" if name[:1] in "aeiou" else "a"
-  return f"an x-ray scan of {article} {name}"
-
-
-PROMPTS = {"photo": prompts.photo_prompt, "radiograph": xray_prompt}
-
-
 def profile_counts(head_count: int) -> list[int]:
   """Train images per class: the NIH profile scaled so the head class keeps `head_count`."""
   top = max(n for _, n in NIH_PROFILE)
@@ -260,16 +251,17 @@ class FashionMnistLt(base.Builder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     cfg = self.builder_config
-    if cfg.half not in ("", "source", "target") or cfg.appearance not in PROMPTS:
+    if cfg.half not in ("", "source", "target") or cfg.appearance not in prompts.TEMPLATES:
       raise ValueError(f"half {cfg.half!r} (known: '', 'source', 'target'), appearance "
-                       f"{cfg.appearance!r} (known: {sorted(PROMPTS)})")
+                       f"{cfg.appearance!r} (known: {sorted(prompts.TEMPLATES)})")
     counts = train_counts(cfg)
     order = count_order(cfg.permutation)
     table = "\n".join(f"  {CLASS_NAMES[k]:<12} {counts[k]:>5}" for k in order)
+    example = prompts.TEMPLATES[cfg.appearance](CLASS_NAMES[1])
     description = (
         f"{__doc__.splitlines()[0]}\nNot medical images. Train counts ({cfg.profile} profile, "
         f"seed {cfg.seed}, head_count {cfg.head_count}, half {cfg.half or 'all'}, "
-        f"{cfg.appearance} domain, prompts like {PROMPTS[cfg.appearance](CLASS_NAMES[1])!r}):\n"
+        f"{cfg.appearance} domain, prompts like {example!r}):\n"
         f"{table}\nval: up to {cfg.val_per_class} per class from unused train images (none for a "
         f"class whose train images are all used); test: {cfg.test_per_class or 'all'} t10k "
         f"images per class, {cfg.appearance} domain.")
@@ -326,7 +318,7 @@ class FashionMnistLt(base.Builder):
     pixels = images[indices]
     if cfg.appearance == "radiograph":
       pixels = domains.radiograph(pixels, _SOURCE_CODE[source], indices, RADIOGRAPH)
-    prompt = PROMPTS[cfg.appearance]
+    prompt = prompts.TEMPLATES[cfg.appearance]
     for i, image in zip(indices, pixels):
       k = int(labels[i])
       key = f"{source}_{i:05d}"  # the image's index in the original IDX file
