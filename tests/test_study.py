@@ -67,8 +67,9 @@ def test_irs_verdict_is_unpaired_and_needs_two_seeds():
   assert report._unpaired(a, {"results": {"10": {}}}, "irs", "all") is None
 
 
-def test_study_smoke_end_to_end(tmp_path):
-  """Three runs on the smoke study through the CLI: sweep, records, study.json, the report."""
+def test_study_smoke_end_to_end(tmp_path, monkeypatch):
+  """Three runs on the smoke study through the CLI: sweep, records, study.json, the report; a
+  replicating target; runs made stale by a changed config."""
   out, doc = tmp_path / "study.json", tmp_path / "docs" / "RESULTS.md"
   cmd = [sys.executable, "-m", "grasp_jax.study", f"--workdir={tmp_path / 'w'}", f"--out={out}",
          f"--doc={doc}", "--runs=base,grasp,shared", "--config=configs/study.py:smoke,seeds=1"]
@@ -99,11 +100,36 @@ def test_study_smoke_end_to_end(tmp_path):
   # A second target replicates the headline runs: the same runs relabelled must report the same.
   w = tmp_path / "w"
   shutil.copytree(w / "dit" / "target_small", w / "dit" / "target_copy")
-  for record in (w / "dit" / "target_copy").glob("*/seed*/study_run.json"):
-    record.write_text(json.dumps({**json.loads(record.read_text()), "target": "target_copy"}))
   s = study_config.get_config("smoke,seeds=1")
   s.targets = ("target_small", "target_copy")
-  report.write(study.collect(str(w)), s, str(w), str(out), str(doc))
+  s.healthy = {**s.healthy, "target_copy": s.healthy["target_small"]}
+  for path in (w / "dit" / "target_copy").glob("*/seed*/study_run.json"):
+    r = {**json.loads(path.read_text()), "target": "target_copy"}
+    config = study.run_config(s, str(w), "dit", "target_copy", r["run"], r["seed"], "", r["lr"])
+    path.write_text(json.dumps({**r, "config_sha": study.config_sha(config)}))
+  report.write(study.collect(s, str(w)), s, str(w), str(out), str(doc))
   copy = json.loads(out.read_text())["replication"]["target_copy"]
   assert copy["runs"] == data["runs"] and copy["verdicts"] == data["verdicts"]
   assert "Replication on `target_copy`" in doc.read_text()
+  # A changed config (here GRASP's sampler) makes GRASP's finished runs stale: they leave the
+  # report, and the next study run moves them to superseded/ before redoing them.
+  s.runs.dit.grasp.sample.steps += 1
+  assert {r["run"] for r in study.collect(s, str(w))} == {"base", "shared"}
+  from grasp_jax.run import stages  # pylint: disable=g-import-not-at-top
+
+  def redo(config, run_dir):
+    raise RuntimeError(f"redo {config.sample.steps} in {run_dir}")
+  monkeypatch.setattr(stages, "train_and_evaluate", redo)
+  lrs = {"grasp": {"lr": data["runs"]["dit"]["grasp"]["lr"]}}
+  seed0 = w / "dit" / "target_small" / "grasp" / "seed0"
+  with pytest.raises(RuntimeError, match=f"redo {s.runs.dit.grasp.sample.steps} in {seed0}"):
+    study.run_one(s, str(w), "dit", "target_small", "grasp", 0, "", lrs)
+  moved = w / "superseded" / "dit" / "target_small" / "grasp" / "seed0.1"
+  assert (moved / "study_run.json").exists() and not (seed0 / "study_run.json").exists()
+  assert study.run_one(s, str(w), "dit", "target_small", "base", 0, "", lrs)["run"] == "base"
+  # A sweep measured at other steps is redone at the study's (its runs continue from theirs).
+  before = json.loads((w / "dit" / "sweep.json").read_text())["grasp"]
+  assert before["steps"] == s.sweep_steps
+  s.sweep_steps += 2
+  after = study.sweep(s, str(w), "dit", str(w / "dit" / "base"), {"grasp"})["grasp"]
+  assert after["steps"] == s.sweep_steps and after["losses"] != before["losses"]

@@ -17,6 +17,8 @@ Finished pieces are skipped, so an interrupted study continues where it stopped;
 restarts from its last checkpoint.
 """
 import glob
+import hashlib
+import json
 import os
 import time
 
@@ -84,15 +86,22 @@ def validation_loss(exp, trainer):
 
 
 def sweep(study, workdir, backbone, base, families):
-  """{family: {"lr": chosen, "losses": {lr: loss}}} of `families`: WORKDIR/<backbone>/sweep.json,
-  resumable."""
+  """{family: {"lr": chosen, "steps": sweep_steps, "losses": {lr: loss}}} of `families`:
+  WORKDIR/<backbone>/sweep.json, resumable; a family swept at another `sweep_steps` is redone."""
   from grasp_jax.task import experiment  # pylint: disable=g-import-not-at-top
   from grasp_jax.trainer import loop  # pylint: disable=g-import-not-at-top
   path = os.path.join(workdir, backbone, "sweep.json")
   done = files.read_json(path) if os.path.exists(path) else {}
   for fam in sorted(families):
     rates = study.lr_grid[fam]
-    entry = done.setdefault(fam, {"losses": {}})
+    entry = done.get(fam)
+    if entry is not None and entry.get("steps") != int(study.sweep_steps):
+      logging.warning("sweep %s %s: measured at %s steps, the study sweeps %d now: redone (each "
+                      "rate's run continues from its checkpoint)", backbone, fam,
+                      entry.get("steps"), study.sweep_steps)
+      entry = None
+    if entry is None:
+      entry = done[fam] = {"steps": int(study.sweep_steps), "losses": {}}
     for lr in rates:
       if str(lr) in entry["losses"]:
         continue
@@ -125,22 +134,57 @@ def _representative(study, backbone, fam):
   return runs[fam] if fam in runs else next(c for c in runs.values() if family(c) == fam)
 
 
-def run_one(study, workdir, backbone, target, run, seed, base, lrs):
-  """Trains + evaluates one run (skipped when done); returns its record."""
-  from grasp_jax.run import stages  # pylint: disable=g-import-not-at-top
-  run_dir = os.path.join(workdir, backbone, target, run, f"seed{seed}")
-  record_path = os.path.join(run_dir, "study_run.json")
-  if os.path.exists(record_path):
-    return files.read_json(record_path)
+def config_sha(config):
+  """sha256 of a run's config (a ConfigDict or its JSON as a dict) without the two fields that
+  name places in the study's workdir (the base's folder, the evaluation cache), so that a moved
+  workdir keeps its runs."""
+  tree = config if isinstance(config, dict) else json.loads(config.to_json_best_effort())
+  tree = {**tree, "model": {**tree["model"], "pretrained": ""},
+          "eval": {**tree["eval"], "cache_dir": ""}}
+  return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()
+
+
+def run_config(study, workdir, backbone, target, run, seed, base, lr):
+  """The config of one run of the study: its entry in the study config, placed."""
   config = study.runs[backbone][run].copy_and_resolve_references()
   with config.unlocked():
     config.seed = seed
     config.data.config = target
     config.partition.healthy = study.healthy[target]
     config.model.pretrained = base
-    config.optim.learning_rate = lrs[family(config)]["lr"]
+    config.optim.learning_rate = lr
     config.eval.cache_dir = os.path.join(workdir, "cache")
+  return config
+
+
+def run_one(study, workdir, backbone, target, run, seed, base, lrs):
+  """Trains + evaluates one run (skipped when done under the same config); returns its record.
+
+  A finished run whose config differs from the one the study would run now (another evaluator,
+  budget, sampler, ...) is stale: its folder moves to WORKDIR/superseded/ (kept, never mixed into
+  the report) and the run is redone.
+  """
+  from grasp_jax.run import stages  # pylint: disable=g-import-not-at-top
+  run_dir = os.path.join(workdir, backbone, target, run, f"seed{seed}")
+  record_path = os.path.join(run_dir, "study_run.json")
+  config = run_config(study, workdir, backbone, target, run, seed, base,
+                      lrs[family(study.runs[backbone][run])]["lr"])
   setup.validate_config(config)
+  sha = config_sha(config)
+  if os.path.exists(record_path):
+    record = files.read_json(record_path)
+    if record.get("config_sha") == sha:
+      return record
+  if os.path.exists(run_dir) and (os.path.exists(record_path) or
+                                  _config_sha_of(run_dir) not in (None, sha)):
+    old = os.path.join(workdir, "superseded", backbone, target, run, f"seed{seed}")
+    n = 1
+    while os.path.exists(f"{old}.{n}"):
+      n += 1
+    os.makedirs(os.path.dirname(old), exist_ok=True)
+    os.replace(run_dir, f"{old}.{n}")
+    logging.warning("study: %s ran under another config; moved to %s.%d, redoing it", run_dir,
+                    old, n)
   start = time.perf_counter()
   with lock.hold(run_dir):
     setup.write_config(config, run_dir)
@@ -150,9 +194,16 @@ def run_one(study, workdir, backbone, target, run, seed, base, lrs):
             "method": config.method.name, "lr": config.optim.learning_rate,
             "trainable_params": trainable_count(trainer), "steps": int(config.train.steps),
             "batch_size": int(config.data.batch_size), "seconds": time.perf_counter() - start,
-            "steps_evaluated": sorted(int(s) for s in results), "results": results}
+            "steps_evaluated": sorted(int(s) for s in results), "config_sha": sha,
+            "results": results}
   files.write_json(record_path, record)
   return record
+
+
+def _config_sha_of(run_dir):
+  """config_sha of the config a (possibly unfinished) run dir was started with; None if none."""
+  path = os.path.join(run_dir, "config.json")
+  return config_sha(files.read_json(path)) if os.path.exists(path) else None
 
 
 # The partitions whose held-out alignment the study compares (runs of one K each).
@@ -185,10 +236,22 @@ def partition_alignment(study, workdir, backbone, target, base):
   return out
 
 
-def collect(workdir):
-  """Every finished run's record in WORKDIR (this invocation's and earlier ones')."""
-  return [files.read_json(p) for p in
-          sorted(glob.glob(os.path.join(workdir, "*", "*", "*", "seed*", "study_run.json")))]
+def collect(study, workdir):
+  """Every finished run's record in WORKDIR (this invocation's and earlier ones') that ran under
+  the config the study has now; stale ones (redone by the next run of the study) are left out."""
+  out, stale = [], []
+  for path in sorted(glob.glob(os.path.join(workdir, "*", "*", "*", "seed*", "study_run.json"))):
+    r = files.read_json(path)
+    current = r["run"] in study.runs.get(r["backbone"], {}) and r["target"] in study.targets
+    if current and r.get("config_sha") == config_sha(run_config(
+        study, workdir, r["backbone"], r["target"], r["run"], r["seed"], "", r["lr"])):
+      out.append(r)
+    else:
+      stale.append(os.path.dirname(path))
+  if stale:
+    logging.warning("study: %d finished runs ran under another config and are not reported "
+                    "(the study redoes them): %s", len(stale), ", ".join(stale))
+  return out
 
 
 def main(argv):
@@ -216,12 +279,13 @@ def main(argv):
         bases[backbone] = pretrain.pretrain_base(config, os.path.join(FLAGS.workdir, backbone))
     # Each family's rate is swept when its first run comes up (headline runs start sooner).
     fam = family(study.runs[backbone][run])
-    swept = lrs.get(backbone, {}).get(fam, {}).get("losses", {})
-    if any(str(lr) not in swept for lr in study.lr_grid[fam]):
+    swept = lrs.get(backbone, {}).get(fam, {})
+    if swept.get("steps") != int(study.sweep_steps) or any(
+        str(lr) not in swept["losses"] for lr in study.lr_grid[fam]):
       with lock.hold(os.path.join(FLAGS.workdir, backbone)):
         lrs[backbone] = sweep(study, FLAGS.workdir, backbone, bases[backbone], {fam})
     logging.info("study: %s / %s / %s / seed %d", backbone, target, run, seed)
     run_one(study, FLAGS.workdir, backbone, target, run, seed, bases[backbone], lrs[backbone])
     if last_partitioned.get((backbone, target)) == (backbone, target, run, seed):
       partition_alignment(study, FLAGS.workdir, backbone, target, bases[backbone])
-  report.write(collect(FLAGS.workdir), study, FLAGS.workdir, FLAGS.out, FLAGS.doc)
+  report.write(collect(study, FLAGS.workdir), study, FLAGS.workdir, FLAGS.out, FLAGS.doc)
