@@ -45,6 +45,18 @@ def test_every_run_is_a_valid_config_with_its_controls():
   assert runs["grasp_minority"].sample.minority_guidance > 0
 
 
+def test_a_run_dir_ever_run_under_another_config_is_stale(tmp_path):
+  c = study_config.run_config("dit", "grasp", smoke=True)
+  setup.write_config(c, str(tmp_path))
+  sha = study.config_sha(c)
+  moved = c.copy_and_resolve_references()
+  moved.model.pretrained, moved.eval.cache_dir = "/elsewhere/base", "/elsewhere/cache"
+  assert study.config_sha(moved) == sha and not study._other_config(str(tmp_path), sha)
+  c.sample.steps += 1  # Rewritten (config.1.json keeps the old one), e.g. by a failed attempt.
+  setup.write_config(c, str(tmp_path))
+  assert study._other_config(str(tmp_path), study.config_sha(c))
+
+
 def test_combine_over_seeds_matches_the_formula():
   est = [{"value": 1.0, "lo": 0.8, "hi": 1.2}, {"value": 2.0, "lo": 1.6, "hi": 2.4}]
   out = report.combine(est)
@@ -127,9 +139,10 @@ def test_study_smoke_end_to_end(tmp_path, monkeypatch):
   moved = w / "superseded" / "dit" / "target_small" / "grasp" / "seed0.1"
   assert (moved / "study_run.json").exists() and not (seed0 / "study_run.json").exists()
   assert study.run_one(s, str(w), "dit", "target_small", "base", 0, "", lrs)["run"] == "base"
-  # A sweep measured at other steps is redone at the study's (its runs continue from theirs).
+  # A sweep measured at other steps is redone at the study's; its old runs are superseded.
   before = json.loads((w / "dit" / "sweep.json").read_text())["grasp"]
   assert before["steps"] == s.sweep_steps
   s.sweep_steps += 2
   after = study.sweep(s, str(w), "dit", str(w / "dit" / "base"), {"grasp"})["grasp"]
   assert after["steps"] == s.sweep_steps and after["losses"] != before["losses"]
+  assert (w / "superseded" / "dit" / "sweep").is_dir()

@@ -87,7 +87,8 @@ def validation_loss(exp, trainer):
 
 def sweep(study, workdir, backbone, base, families):
   """{family: {"lr": chosen, "steps": sweep_steps, "losses": {lr: loss}}} of `families`:
-  WORKDIR/<backbone>/sweep.json, resumable; a family swept at another `sweep_steps` is redone."""
+  WORKDIR/<backbone>/sweep.json, resumable; a family swept at another `sweep_steps` is redone,
+  and a rate's run dir made under another config is superseded (`supersede`) first."""
   from grasp_jax.task import experiment  # pylint: disable=g-import-not-at-top
   from grasp_jax.trainer import loop  # pylint: disable=g-import-not-at-top
   path = os.path.join(workdir, backbone, "sweep.json")
@@ -96,9 +97,8 @@ def sweep(study, workdir, backbone, base, families):
     rates = study.lr_grid[fam]
     entry = done.get(fam)
     if entry is not None and entry.get("steps") != int(study.sweep_steps):
-      logging.warning("sweep %s %s: measured at %s steps, the study sweeps %d now: redone (each "
-                      "rate's run continues from its checkpoint)", backbone, fam,
-                      entry.get("steps"), study.sweep_steps)
+      logging.warning("sweep %s %s: measured at %s steps, the study sweeps %d now: redone",
+                      backbone, fam, entry.get("steps"), study.sweep_steps)
       entry = None
     if entry is None:
       entry = done[fam] = {"steps": int(study.sweep_steps), "losses": {}}
@@ -117,6 +117,8 @@ def sweep(study, workdir, backbone, base, families):
         config.eval.every = config.train.sample_every = config.train.diagnostics_every = 0
       run_dir = os.path.join(workdir, backbone, "sweep", f"{fam}_lr{lr}")
       setup.validate_config(config)
+      if _other_config(run_dir, config_sha(config)):
+        supersede(workdir, run_dir)
       with lock.hold(run_dir):
         setup.write_config(config, run_dir)
         exp = experiment.build(config, run_dir)
@@ -175,16 +177,8 @@ def run_one(study, workdir, backbone, target, run, seed, base, lrs):
     record = files.read_json(record_path)
     if record.get("config_sha") == sha:
       return record
-  if os.path.exists(run_dir) and (os.path.exists(record_path) or
-                                  _config_sha_of(run_dir) not in (None, sha)):
-    old = os.path.join(workdir, "superseded", backbone, target, run, f"seed{seed}")
-    n = 1
-    while os.path.exists(f"{old}.{n}"):
-      n += 1
-    os.makedirs(os.path.dirname(old), exist_ok=True)
-    os.replace(run_dir, f"{old}.{n}")
-    logging.warning("study: %s ran under another config; moved to %s.%d, redoing it", run_dir,
-                    old, n)
+  if os.path.exists(record_path) or _other_config(run_dir, sha):
+    supersede(workdir, run_dir)
   start = time.perf_counter()
   with lock.hold(run_dir):
     setup.write_config(config, run_dir)
@@ -200,10 +194,25 @@ def run_one(study, workdir, backbone, target, run, seed, base, lrs):
   return record
 
 
-def _config_sha_of(run_dir):
-  """config_sha of the config a (possibly unfinished) run dir was started with; None if none."""
-  path = os.path.join(run_dir, "config.json")
-  return config_sha(files.read_json(path)) if os.path.exists(path) else None
+def supersede(workdir, run_dir):
+  """Moves a run dir made under another config to WORKDIR/superseded/<its path>.<n> (kept,
+  never reported), so that it is redone from scratch."""
+  old = os.path.join(workdir, "superseded", os.path.relpath(run_dir, workdir))
+  n = 1
+  while os.path.exists(f"{old}.{n}"):
+    n += 1
+  os.makedirs(os.path.dirname(old), exist_ok=True)
+  os.replace(run_dir, f"{old}.{n}")
+  logging.warning("study: %s ran under another config; moved to %s.%d, redoing it", run_dir,
+                  old, n)
+
+
+def _other_config(run_dir, sha):
+  """Whether run_dir was ever run under a config other than `sha`'s: its config.json, or an
+  earlier one setup.write_config kept as config.<n>.json (a run interrupted after its config
+  was rewritten still holds the other config's checkpoints)."""
+  return any(config_sha(files.read_json(p)) != sha
+             for p in glob.glob(os.path.join(run_dir, "config*.json")))
 
 
 # The partitions whose held-out alignment the study compares (runs of one K each).
