@@ -81,6 +81,7 @@ def test_bad_value_names_field_and_value(field, value):
     (dict(method__adapter="lora"), "method.adapter"),
     (dict(mesh__fsdp=-1), "mesh.fsdp"),  # Both axes -1.
     (dict(partition__strategy="groups"), "partition.groups"),
+    (dict(eval__evaluator_blocks=(3,)), "eval.evaluator_blocks"),  # 3 does not divide 32.
 ])
 def test_fields_that_must_agree(changes, field):
   c = demo.get_config("backbone=unet")

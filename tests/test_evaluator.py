@@ -4,6 +4,7 @@ and the classifier's early stopping and class-balanced batches."""
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -176,3 +177,40 @@ def test_perturbations_against_loops():
   assert abs(noisy.std() - 20) < 1 and abs(noisy.mean() - 128) < 1
   with pytest.raises(ValueError, match="unknown perturbation 'blur'"):
     evaluator.perturb(x, "blur")
+
+
+def test_training_appearance_changes_match_the_measured_perturbations():
+  """The evaluator trains on the changes its robustness is measured under (uint8 loops above);
+  in [-1, 1] they may differ from the rounded uint8 ones by half a grey level."""
+  x = np.random.default_rng(1).integers(0, 256, (4, 8, 8, 1)).astype(np.uint8)
+  xf = classifier.to_model_input(x)
+  noise = np.random.default_rng(2).normal(size=xf.shape).astype(np.float32)
+  op = np.array([0, 1, 2, 4])  # none, brightness, noise, the second block size (4)
+  amount = np.array([0.0, 40.0, 20.0, 0.0], np.float32)
+  out = np.asarray(classifier.perturb_appearance(xf, op, amount, noise, (2, 4)))
+  grey = lambda v: (v + 1) * 127.5
+  tol = 0.5 + 1e-3
+  assert np.array_equal(out[0], xf[0])
+  assert np.abs(grey(out[1]) - evaluator.perturb(x[1:2], "brightness+40")[0]).max() <= tol
+  expected = np.clip(x[2].astype(float) + 20 * noise[2], 0, 255)
+  assert np.abs(grey(out[2]) - expected).max() <= 1e-3
+  assert np.abs(grey(out[3]) - evaluator.perturb(x[3:4], "blocks4x4")[0]).max() <= tol
+
+
+def test_random_appearance_changes_half_the_batch_within_the_ranges():
+  x = np.random.default_rng(0).uniform(-0.4, 0.4, (600, 8, 8, 1)).astype(np.float32)
+  out = np.asarray(classifier._random_appearance(x, jax.random.key(0), (50.0, 30.0, (2,))))
+  diff = (out - x).reshape(600, -1) * 127.5
+  changed = np.abs(diff).max(1) > 1e-3
+  assert 0.42 < changed.mean() < 0.58
+  shifted = changed & (np.ptp(diff, 1) < 1e-3)
+  blocky = changed & np.all(out[:, ::2, ::2] == out[:, 1::2, 1::2], axis=(1, 2, 3))
+  noisy = changed & ~shifted & ~blocky
+  for kind in (shifted, blocky, noisy):  # one third each of the changed images
+    assert 0.2 < kind.sum() / changed.sum() < 0.47
+  assert np.abs(diff[shifted]).max() <= 50 + 1e-3
+  assert diff[noisy].std(1).max() < 30 * 1.4  # sd <= 30, estimated from 64 pixels
+  with pytest.raises(ValueError, match="block sizes that divide"):
+    classifier.train(classifier.CNN(num_classes=2, widths=(4,), convs=1),
+                     np.zeros((2, 6, 6, 1)), np.array([0, 1]), steps=1,
+                     appearance=(0, 0, (4,)))

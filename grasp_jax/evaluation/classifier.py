@@ -234,8 +234,40 @@ def _shift(x, key, pixels):
   return jax.vmap(crop)(padded, offsets)
 
 
+def perturb_appearance(x, op, amount, noise, blocks):
+  """Images x [N, H, W, C] in [-1, 1], each under one low-level change (op[i]): 0 none,
+  1 brightness (+amount[i] grey levels), 2 Gaussian noise (noise[i] * amount[i] grey levels of sd;
+  noise: standard normal like x), 3 + j mean of every blocks[j] x blocks[j] block; clipped to
+  [-1, 1] like uint8 images."""
+  scale = 127.5  # grey levels per unit of [-1, 1]
+  out = jnp.where((op == 1)[:, None, None, None], x + (amount / scale)[:, None, None, None], x)
+  out = jnp.where((op == 2)[:, None, None, None],
+                  x + noise * (amount / scale)[:, None, None, None], out)
+  n, h, w, c = x.shape
+  for j, k in enumerate(blocks):
+    means = x.reshape(n, h // k, k, w // k, k, c).mean((2, 4))
+    blocky = jnp.repeat(jnp.repeat(means, k, 1), k, 2)
+    out = jnp.where((op == 3 + j)[:, None, None, None], blocky, out)
+  return jnp.clip(out, -1.0, 1.0)
+
+
+def _random_appearance(x, key, appearance):
+  """Half of the images under one change of `appearance` = (brightness, noise, blocks): a shift
+  uniform in +-brightness grey levels, noise of sd uniform in [0, noise], or one block size."""
+  brightness, noise_sd, blocks = appearance
+  ops = [op for op, on in ((1, brightness), (2, noise_sd)) if on]
+  ops += [3 + j for j in range(len(blocks))]
+  k_on, k_op, k_amount, k_noise = jax.random.split(key, 4)
+  n = x.shape[0]
+  op = jnp.asarray(ops)[jax.random.randint(k_op, (n,), 0, len(ops))]
+  op = jnp.where(jax.random.bernoulli(k_on, 0.5, (n,)), op, 0)
+  u = jax.random.uniform(k_amount, (n,))
+  amount = jnp.where(op == 1, (2 * u - 1) * brightness, u * noise_sd)
+  return perturb_appearance(x, op, amount, jax.random.normal(k_noise, x.shape), blocks)
+
+
 @functools.lru_cache(maxsize=8)
-def _step_fn(model, learning_rate, cosine_steps, weight_decay, loss_fn, flip, shift):
+def _step_fn(model, learning_rate, cosine_steps, weight_decay, loss_fn, flip, shift, appearance):
   """(jitted init, jitted train step, optimizer): cached, so classifiers of one kind compile
   once (batches are gathered on the host, so the data set's size is not part of the compiled
   shape; a jitted init is one compilation instead of one per eager op)."""
@@ -251,6 +283,8 @@ def _step_fn(model, learning_rate, cosine_steps, weight_decay, loss_fn, flip, sh
       x = jnp.where(mirror[:, None, None, None], x[:, :, ::-1], x)
     if shift:
       x = _shift(x, jax.random.fold_in(key, 1), shift)
+    if appearance:
+      x = _random_appearance(x, jax.random.fold_in(key, 2), appearance)
 
     def loss(p):
       logits, updates = model.apply({"params": p, "batch_stats": batch_stats}, x, train=True,
@@ -266,7 +300,8 @@ def _step_fn(model, learning_rate, cosine_steps, weight_decay, loss_fn, flip, sh
 def train(model, images, labels, *, steps: int, batch_size: int = 64,
           learning_rate: float = 1e-3, seed: int = 0,
           loss_fn: Callable = cross_entropy, extra=None, extra_fraction: float = 0.5,
-          flip: bool = True, shift: int = 0, balanced: bool = False, cosine: bool = False,
+          flip: bool = True, shift: int = 0, appearance=None, balanced: bool = False,
+          cosine: bool = False,
           weight_decay: float = 0.0, validation=None, validate_every: int = 0,
           patience: int = 0, log_every: int = 0, writer=None, prefix: str = "classifier"
           ) -> Classifier:
@@ -278,6 +313,9 @@ def train(model, images, labels, *, steps: int, batch_size: int = 64,
   extra: an optional second source `(images, labels)` (e.g. GRASP-generated images); every
     minibatch then holds round(batch_size * extra_fraction) of its samples.
   flip, shift: random horizontal flips; random translations by up to `shift` pixels.
+  appearance: None or (brightness, noise, block sizes): half of each batch under one random
+    low-level change (`_random_appearance`), so that predictions rest on shape more than on
+    brightness, grain or blockiness, which generators' samples often get wrong.
   balanced: draw the (real) rows class-balanced instead of uniformly.
   cosine: cosine decay of the learning rate to 0 over `steps`; weight_decay: AdamW's.
   validation: `(images, labels)`: every `validate_every` steps the macro-F1 on them is measured
@@ -311,8 +349,14 @@ def train(model, images, labels, *, steps: int, batch_size: int = 64,
 
   key = jax.random.PRNGKey(seed)
   init_key, flip_key = jax.random.split(key)
+  if appearance:
+    brightness, noise_sd, blocks = appearance
+    appearance = (float(brightness), float(noise_sd), tuple(int(k) for k in blocks))
+    if not any(appearance) or any(images.shape[1] % k or images.shape[2] % k for k in blocks):
+      raise ValueError(f"appearance={appearance}: needs a change, and block sizes that divide "
+                       f"the images' {images.shape[1]}x{images.shape[2]}")
   init_fn, step_fn, tx = _step_fn(model, learning_rate, steps if cosine else 0, weight_decay,
-                                  loss_fn, flip, shift)
+                                  loss_fn, flip, shift, appearance or None)
   variables = nn.unbox(init_fn(init_key, jnp.asarray(images[:1])))
   params, batch_stats = variables["params"], variables["batch_stats"]
   opt_state = tx.init(params)

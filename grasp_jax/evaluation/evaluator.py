@@ -103,13 +103,18 @@ def cache_path(cache_dir, spec):
   return os.path.join(cache_dir, "domain_classifier", f"{key(spec)}.msgpack")
 
 
+def _appearance(a):
+  """The spec's {"brightness", "noise", "blocks"} -> classifier.train's `appearance`."""
+  return (a["brightness"], a["noise"], a["blocks"]) if any(a.values()) else None
+
+
 def train(spec, images, labels):
   """The evaluator of `spec` trained on uint8 images [N, H, W, C] and labels [N]."""
   t = spec["train"]
   return classifier.train(model(spec), images, labels, steps=t["steps"],
                           batch_size=t["batch_size"], learning_rate=t["learning_rate"],
                           seed=t["seed"], flip=t["flip"], shift=t["shift"],
-                          balanced=t["balanced"], cosine=True,
+                          appearance=_appearance(t["appearance"]), balanced=t["balanced"], cosine=True,
                           weight_decay=t["weight_decay"], prefix="evaluator")
 
 

@@ -137,6 +137,9 @@ def evaluator_spec(c, num_classes, role):
                     "batch_size": int(c.eval.evaluator_batch_size),
                     "learning_rate": float(c.eval.evaluator_learning_rate),
                     "weight_decay": 5e-4, "flip": True, "shift": 2, "balanced": True,
+                    "appearance": {"brightness": float(c.eval.evaluator_brightness),
+                                   "noise": float(c.eval.evaluator_noise),
+                                   "blocks": [int(k) for k in c.eval.evaluator_blocks]},
                     "seed": 0}}
 
 

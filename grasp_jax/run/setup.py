@@ -83,9 +83,10 @@ def regexes():
           isinstance(r, str) and _regex(r) for r in v))
 
 
-def sizes():
-  return "a non-empty list of integers >= 1", lambda v: (
-      isinstance(v, (list, tuple)) and len(v) > 0 and all(_is_int(x) and x >= 1 for x in v))
+def sizes(empty=False):
+  return f"a{'' if empty else ' non-empty'} list of integers >= 1", lambda v: (
+      isinstance(v, (list, tuple)) and (empty or len(v) > 0) and
+      all(_is_int(x) and x >= 1 for x in v))
 
 
 def _plain(v):
@@ -237,6 +238,9 @@ FIELDS = {
     "eval.evaluator_batch_size": SIZE,
     "eval.evaluator_learning_rate": real(0, lo_open=True),
     "eval.evaluator_floor": real(0, 1),
+    "eval.evaluator_brightness": real(0, 255),
+    "eval.evaluator_noise": real(0, 255),
+    "eval.evaluator_blocks": sizes(empty=True),
     "eval.n_boot": SIZE,
     "eval.inception": boolean(),
     "eval.inception_n_boot": SIZE,
@@ -298,6 +302,10 @@ def validate_config(config):
           f"{c.data.batch_size} (the global batch is split into that many micro-batches)")
   if c.mesh.data == c.mesh.fsdp == -1:
     _fail("mesh.fsdp", -1, "a size when mesh.data is -1 (at most one axis takes the rest)")
+  odd = [k for k in c.eval.evaluator_blocks if c.data.image_size % k]
+  if odd:
+    _fail("eval.evaluator_blocks", list(c.eval.evaluator_blocks), f"block sizes that divide "
+          f"data.image_size={c.data.image_size} ({odd} do not)")
   if "groups" in c.partition.strategy.split("+") and not c.partition.groups:
     _fail("partition.groups", "", f"a groups name or JSON file for partition.strategy="
           f"{c.partition.strategy!r}")
