@@ -38,6 +38,19 @@ def test_bootstrap_standard_error_matches_formula():
   np.testing.assert_allclose(out["se"], x.std() / np.sqrt(60), rtol=0.05)
 
 
+def test_bootstrap_many_equals_one_bootstrap_per_name():
+  rng = np.random.default_rng(4)
+  labels, x = rng.integers(0, 3, 70), rng.normal(size=70)
+  stats = lambda y, v: {"mean": float(v.mean()), ("max", 1): float(v[y == 1].max())}
+  many = intervals.bootstrap_many(stats, [(labels, x)], n_boot=60, seed=3, level=0.8,
+                                  strata=[labels])
+  for name in ("mean", ("max", 1)):
+    one = intervals.bootstrap(lambda y, v: stats(y, v)[name], [(labels, x)], n_boot=60, seed=3,
+                              level=0.8, strata=[labels])
+    assert many[name] == {k: one[k] for k in ("value", "lo", "hi")}
+  assert many["mean"]["lo"] < many["mean"]["hi"]
+
+
 def test_paired_group_shares_row_indices():
   x = np.random.default_rng(2).normal(size=(50, 3))
   gap = lambda a, b: float(np.abs(a - b).max())

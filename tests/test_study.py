@@ -143,6 +143,7 @@ def test_study_smoke_end_to_end(tmp_path, monkeypatch):
   before = json.loads((w / "dit" / "sweep.json").read_text())["grasp"]
   assert before["steps"] == s.sweep_steps
   s.sweep_steps += 2
+  assert "grasp" not in report.provenance(study.collect(s, str(w)), s, str(w))["lr_sweep"]["dit"]
   after = study.sweep(s, str(w), "dit", str(w / "dit" / "base"), {"grasp"})["grasp"]
   assert after["steps"] == s.sweep_steps and after["losses"] != before["losses"]
   assert (w / "superseded" / "dit" / "sweep").is_dir()

@@ -42,21 +42,20 @@ def training_sets(real, heldout, synthetic):
 
 
 def scores(labels, preds, num_classes, groups, names, *, n_boot, seed=0):
-  """classification_metrics with {value, lo, hi} for METRICS overall and per group."""
+  """classification_metrics with {value, lo, hi} for METRICS overall and per group (95%
+  bootstrap over test images within class)."""
   point = classifier.classification_metrics(labels, preds, num_classes, groups, names)
 
-  def estimate(metric, group=None):
-    def fn(y, p):
-      m = classifier.classification_metrics(y, p, num_classes, groups if group else None)
-      return (m["groups"][group] if group else m)[metric]
-    out = intervals.bootstrap(fn, [(labels, preds)], strata=[labels], n_boot=n_boot, seed=seed)
-    return {"value": out["value"], "lo": out["lo"], "hi": out["hi"]}
-
-  out = {m: estimate(m) for m in METRICS}
+  def fn(y, p):
+    m = classifier.classification_metrics(y, p, num_classes, groups)
+    return {(metric, g): (m["groups"][g] if g else m)[metric] for metric in METRICS
+            for g in (None, *groups)}
+  est = intervals.bootstrap_many(fn, [(labels, preds)], strata=[labels], n_boot=n_boot, seed=seed)
+  out = {m: est[(m, None)] for m in METRICS}
   out["per_class_f1"], out["per_class_recall"] = point["per_class_f1"], point["per_class_recall"]
   out["groups"] = {g: {"num_classes": point["groups"][g]["num_classes"],
                        "num_samples": point["groups"][g]["num_samples"],
-                       **{m: estimate(m, g) for m in METRICS}} for g in groups}
+                       **{m: est[(m, g)] for m in METRICS}} for g in groups}
   return out
 
 

@@ -100,19 +100,43 @@ def over_seeds(metric_fn, arrays_per_seed, *, n_boot=200, seed=0, level=0.95, st
                      f"{[len(items) for items in seeds]}")
   if not within and n_seeds < 2:
     raise ValueError(f"within=False resamples seeds only and needs >= 2 of them, got {n_seeds}")
-  per_seed = np.array([metric_fn(*_full(items)) for items in seeds], np.float64)
-  rng = np.random.default_rng(seed)
-  replicates = np.empty(n_boot)
-  for b in range(n_boot):
-    chosen = rng.integers(0, n_seeds, n_seeds)
-    replicates[b] = (np.mean([metric_fn(*_resample(seeds[c], rng)) for c in chosen])
-                     if within else per_seed[chosen].mean())
+  per_seed, replicates = _replicates(metric_fn, seeds, n_boot, seed, within)
   tail = 50.0 * (1.0 - level)
   lo, hi = np.percentile(replicates, [tail, 100.0 - tail])
   n = tuple(sum(len(items[j][0][0]) for items in seeds) for j in range(len(seeds[0])))
   return {"value": float(per_seed.mean()), "lo": float(lo), "hi": float(hi),
           "se": float(replicates.std(ddof=1)) if n_boot > 1 else float("nan"), "n": n,
           "n_seeds": n_seeds, "n_boot": n_boot}
+
+
+def _replicates(metric_fn, seeds, n_boot, seed, within):
+  """(per-seed metrics [S, ...], bootstrap replicates [n_boot, ...]) of `over_seeds`; metric_fn
+  may return a vector: its entries then share every replicate's resample."""
+  per_seed = np.array([metric_fn(*_full(items)) for items in seeds], np.float64)
+  rng = np.random.default_rng(seed)
+  replicates = np.empty((n_boot,) + per_seed.shape[1:])
+  for b in range(n_boot):
+    chosen = rng.integers(0, len(seeds), len(seeds))
+    replicates[b] = (np.mean([metric_fn(*_resample(seeds[c], rng)) for c in chosen], axis=0)
+                     if within else per_seed[chosen].mean(axis=0))
+  return per_seed, replicates
+
+
+def bootstrap_many(metric_fn, arrays, *, n_boot=200, seed=0, level=0.95, strata=None):
+  """`bootstrap` of a metric_fn returning {name: float}, one resample and one call per
+  replicate for all names (each name's numbers equal its own `bootstrap`'s at the same seed).
+  Returns {name: {"value", "lo", "hi"}}."""
+  items = _items(arrays, strata)
+  names = list(metric_fn(*_full(items)))
+
+  def vector(*a):
+    out = metric_fn(*a)
+    return np.array([out[k] for k in names], np.float64)
+  per_seed, replicates = _replicates(vector, [items], n_boot, seed, True)
+  tail = 50.0 * (1.0 - level)
+  lo, hi = np.percentile(replicates, [tail, 100.0 - tail], axis=0)
+  return {k: {"value": float(per_seed[0, i]), "lo": float(lo[i]), "hi": float(hi[i])}
+          for i, k in enumerate(names)}
 
 
 def bootstrap(metric_fn, arrays, *, n_boot=200, seed=0, level=0.95, strata=None):

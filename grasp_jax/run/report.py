@@ -194,7 +194,9 @@ def provenance(records, study, workdir):
     commit = None
   any_run = next((r for r in records if r["run"] == study.compare_to), records[0])
   final = _final(any_run)
-  sweeps = {b: files.read_json(p) for b in study.backbones
+  # Sweeps at other steps than the study's are stale (redone when their family comes up).
+  sweeps = {b: {fam: e for fam, e in files.read_json(p).items()
+                if e.get("steps") == int(study.sweep_steps)} for b in study.backbones
             if os.path.exists(p := os.path.join(workdir, b, "sweep.json"))}
   return {"commit": commit, "target": {"builder": "fashion_mnist_lt", "configs":
                                        list(study.targets), "headline": study.targets[0]},
@@ -378,7 +380,8 @@ def write(records, study, workdir, out_path, doc_path):
         rates = sorted(e["losses"], key=float)
         losses = ", ".join(f"{lr}: {e['losses'][lr]:.5f}" for lr in rates)
         edge = " (grid edge)" if str(e.get("lr")) in (rates[0], rates[-1]) else ""
-        lines.append(f"| {backbone} | {fam} | {e.get('lr')}{edge} | {losses} |")
+        chosen = f"{e['lr']}{edge}" if "lr" in e else "(in progress)"
+        lines.append(f"| {backbone} | {fam} | {chosen} | {losses} |")
   doc_dir = os.path.dirname(os.path.abspath(doc_path))
   for backbone in runs:
     tail = _entry(_final(records[0]), "domain", "frequency/tail") or {}

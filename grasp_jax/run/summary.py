@@ -8,7 +8,6 @@
 """
 import os
 
-import flax.linen as nn
 import jax
 import numpy as np
 
@@ -16,25 +15,26 @@ from grasp_jax import files
 from grasp_jax.evaluation import blocks
 from grasp_jax.evaluation import plots
 from grasp_jax.inference import generate
+from grasp_jax.trainer import loop
 
 TAIL = "frequency/tail"
 
 
-def zero_step_params(exp):
-  """(params, extra) of the model before the first step: the base with freshly initialised
-  method leaves, exactly as the trainer starts (same rng)."""
-  variables = nn.unbox(exp.init_variables(jax.random.key(exp.config.seed), exp.base_params))
+def zero_step_params(exp, mesh):
+  """(params, extra) of the model before the first step, exactly as the trainer starts: same
+  rng, frozen dtype and shardings, so sampling it reuses the trained model's compiled sampler."""
+  variables = loop.initial_variables(exp, exp.config, mesh)
   return variables["params"], {k: v for k, v in variables.items() if k != "params"}
 
 
-def before_after_grid(exp, trained, workdir, *, per_class=8, mesh=None):
+def before_after_grid(exp, trained, workdir, *, mesh, per_class=8):
   """Writes WORKDIR/plots/before_after_tail.png; returns its path."""
   names = exp.partition.class_names
   tail = blocks.eval_groups(exp.partition)[TAIL]
   labels = np.repeat(np.asarray(tail, np.int64), per_class)
   rng = jax.random.key(exp.config.seed + 7)
   rows = []
-  for title, (params, extra) in (("zero-step base", zero_step_params(exp)),
+  for title, (params, extra) in (("zero-step base", zero_step_params(exp, mesh)),
                                  ("after fine-tuning", trained)):
     images = generate.to_uint8(generate.sample_labels(exp, params, extra, labels, rng, mesh=mesh))
     rows.append(plots.labelled_class_grid(images, labels, tail, names, per_row=per_class,

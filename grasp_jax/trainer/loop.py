@@ -67,12 +67,7 @@ class Trainer:
 
 def setup(exp, config, mesh, example_batch):
   """Initialises the sharded state and compiles the train step ahead of time."""
-  rng = jax.random.key(config.seed)
-  boxed = jax.eval_shape(exp.init_variables, rng)
-  shardings = sharding.logical_shardings(boxed, mesh, config.mesh)
-  base = exp.base_on_devices(shardings["params"])
-  variables = jax.jit(functools.partial(init_variables, exp, config),
-                      out_shardings=shardings, donate_argnums=1)(rng, base)
+  variables = initial_variables(exp, config, mesh)
   params = variables["params"]
   extra = {k: v for k, v in variables.items() if k != "params"}
   trainable, frozen = trainable_lib.split(params, config.method.trainable)
@@ -86,6 +81,17 @@ def setup(exp, config, mesh, example_batch):
   step_fn, seconds = compile_step(exp, config, mesh, tx, state, frozen, example_batch)
   return Trainer(mesh=mesh, state=state, frozen=frozen, step_fn=step_fn,
                  abstract_state=abstract_state, tx=tx, compile_seconds=seconds)
+
+
+def initial_variables(exp, config, mesh):
+  """The variables the trainer starts from (`init_variables` of config.seed), sharded over
+  `mesh`: also the zero-step model that a run's before/after comparison samples."""
+  rng = jax.random.key(config.seed)
+  boxed = jax.eval_shape(exp.init_variables, rng)
+  shardings = sharding.logical_shardings(boxed, mesh, config.mesh)
+  base = exp.base_on_devices(shardings["params"])
+  return jax.jit(functools.partial(init_variables, exp, config),
+                 out_shardings=shardings, donate_argnums=1)(rng, base)
 
 
 def init_variables(exp, config, rng, base):
