@@ -287,6 +287,32 @@ def test_downstream_uses_the_stated_data(run):
     assert set(json.load(f)) == {"real", "real_balanced", "real+heldout"}
 
 
+def test_shipped_downstream_results_are_used_before_training(run, tmp_path, monkeypatch):
+  trained = []  # The variants downstream_block asks to train.
+  monkeypatch.setattr(evaluate.downstream, "run", lambda model_fn, sets, *a, **k: (
+      trained.append(sorted(sets)) or {n: {"from": str(len(trained))} for n in sets}))
+  monkeypatch.setattr(evaluator, "SHIPPED", str(tmp_path / "package"))
+  rng = np.random.default_rng(0)
+  pair = lambda n: (rng.integers(0, 255, (n, 4, 4, 1), np.uint8), rng.integers(0, 10, n))
+  data = [pair(20), pair(10), pair(10), pair(10), pair(10)]  # train, held-out, fake, val, test
+  groups = {"frequency/tail": [0, 1]}
+  block = lambda workdir, fake: evaluate.downstream_block(
+      run["exp"], str(workdir), data[0], data[1], fake, data[3], data[4], groups, 10)
+  block(tmp_path / "a", data[2])
+  # The first run's cache, shipped: a run on an empty workdir trains only the generator's two.
+  shutil.copytree(tmp_path / "a" / "downstream_real", tmp_path / "package" / "downstream_real")
+  variants = block(tmp_path / "b", data[2])["variants"]
+  assert trained == [sorted(evaluate.downstream.VARIANTS), ["real+synthetic", "synthetic"]]
+  assert {n: v["from"] for n, v in variants.items()} == {
+      "real": "1", "real_balanced": "1", "real+heldout": "1", "real+synthetic": "2",
+      "synthetic": "2"}
+  assert not os.path.exists(tmp_path / "b" / "downstream_real")  # Not copied from the package.
+  block(tmp_path / "c", pair(10))  # Other samples: the generator-free ones still ship.
+  evaluate.downstream_block(run["exp"], str(tmp_path / "d"), pair(20), *data[1:], groups, 10)
+  # Other real training images: not shipped, so all five are trained.
+  assert trained[2:] == [["real+synthetic", "synthetic"], sorted(evaluate.downstream.VARIANTS)]
+
+
 def test_outputs_written(run):
   workdir, results = run["workdir"], run["results"]
   with open(os.path.join(workdir, "results.json")) as f:

@@ -4,6 +4,7 @@ and the classifier's early stopping and class-balanced batches."""
 import json
 import os
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -214,3 +215,28 @@ def test_random_appearance_changes_half_the_batch_within_the_ranges():
     classifier.train(classifier.CNN(num_classes=2, widths=(4,), convs=1),
                      np.zeros((2, 6, 6, 1)), np.array([0, 1]), steps=1,
                      appearance=(0, 0, (4,)))
+
+
+def test_cnn_hidden_features_against_numpy():
+  """hidden > 0: features = ReLU(dense(flattened last stage)), here one 3x3 conv-BN-ReLU stage
+  computed with loops (BN at its initial running statistics: mean 0, variance 1)."""
+  model = classifier.CNN(2, widths=(3,), convs=1, hidden=5)
+  x = np.random.default_rng(0).normal(size=(2, 6, 6, 1)).astype(np.float32)
+  variables = nn.unbox(model.init(jax.random.key(0), x))
+  p = jax.tree.map(np.asarray, variables["params"])
+  rng = np.random.default_rng(1)  # Nonzero BN scale/bias and dense biases: all of them count.
+  bn = {"scale": rng.normal(size=3), "bias": rng.normal(size=3)}
+  p["stage0_norm0"] = bn
+  p["hidden"]["bias"] = rng.normal(size=5)
+  logits, features = model.apply({**variables, "params": p}, x, return_features=True)
+  kernel = p["stage0_conv0"]["kernel"]  # [3, 3, 1, 3]
+  padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  conv = np.zeros((2, 6, 6, 3))
+  for i in range(6):
+    for j in range(6):
+      conv[:, i, j] = np.einsum("nhwc,hwco->no", padded[:, i:i + 3, j:j + 3], kernel)
+  stage = np.maximum(conv / np.sqrt(1 + 1e-5) * bn["scale"] + bn["bias"], 0)
+  expected = np.maximum(stage.reshape(2, -1) @ p["hidden"]["kernel"] + p["hidden"]["bias"], 0)
+  np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(logits, expected @ p["head"]["kernel"] + p["head"]["bias"],
+                             rtol=1e-4, atol=1e-5)

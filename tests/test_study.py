@@ -86,7 +86,10 @@ def test_study_smoke_end_to_end(tmp_path, monkeypatch):
   cmd = [sys.executable, "-m", "grasp_jax.study", f"--workdir={tmp_path / 'w'}", f"--out={out}",
          f"--doc={doc}", "--runs=base,grasp,shared", "--config=configs/study.py:smoke,seeds=1"]
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=2400)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  # A fatal signal's Python stacks come before a long list of extension modules: show them.
+  fatal = proc.stderr.find("Fatal Python error")
+  assert proc.returncode == 0, proc.stderr[fatal:fatal + 6000] if fatal >= 0 else \
+      proc.stderr[-3000:]
   data = json.loads(out.read_text())
   runs = data["runs"]["dit"]
   assert set(runs) == {"base", "grasp", "shared"}

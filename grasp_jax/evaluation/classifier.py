@@ -100,11 +100,14 @@ class DenseNet(nn.Module):
 
 class CNN(nn.Module):
   """VGG-style: per stage `convs` 3x3 conv-BN-ReLU layers of `width` channels, a 2x2 max-pool
-  between stages; the penultimate features are the global mean of the last stage. Same call
+  between stages. The penultimate features: with `hidden` = 0 the global mean of the last stage;
+  else a ReLU dense layer of `hidden` units on the flattened last stage, which keeps where in the
+  image a feature fires (a sleeve's or a collar's place), what global pooling discards. Same call
   convention as DenseNet."""
   num_classes: int
   widths: Sequence[int] = (32, 64, 128)
   convs: int = 2
+  hidden: int = 0
 
   @nn.compact
   def __call__(self, x, train=False, return_features=False):
@@ -113,7 +116,10 @@ class CNN(nn.Module):
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
       for i in range(self.convs):
         x = nn.relu(_norm(train, f"stage{s}_norm{i}")(_conv(width, 3, name=f"stage{s}_conv{i}")(x)))
-    features = jnp.mean(x, axis=(1, 2))
+    if self.hidden:
+      features = nn.relu(nn.Dense(self.hidden, name="hidden")(x.reshape(x.shape[0], -1)))
+    else:
+      features = jnp.mean(x, axis=(1, 2))
     logits = nn.Dense(self.num_classes, name="head")(features)
     return (logits, features) if return_features else logits
 

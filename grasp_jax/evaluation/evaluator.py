@@ -59,8 +59,9 @@ def indices_sha1(indices):
 
 
 def model(spec):
-  return classifier.CNN(num_classes=spec["classes"], widths=tuple(spec["arch"]["widths"]),
-                        convs=spec["arch"]["convs"])
+  arch = spec["arch"]  # "hidden" is in the spec only when nonzero: older keys stay valid.
+  return classifier.CNN(num_classes=spec["classes"], widths=tuple(arch["widths"]),
+                        convs=arch["convs"], hidden=arch.get("hidden", 0))
 
 
 def key(spec):
@@ -96,7 +97,9 @@ def robustness(clf, images, labels):
   return out
 
 
-SHIPPED = os.path.dirname(os.path.abspath(__file__))  # SHIPPED/domain_classifier/<key>.*
+# The package's caches of the embedded data: SHIPPED/domain_classifier/<key>.* (evaluators) and
+# SHIPPED/downstream_real/<key>.json (grasp_jax.run.evaluate.downstream_block).
+SHIPPED = os.path.dirname(os.path.abspath(__file__))
 
 
 def cache_path(cache_dir, spec):

@@ -232,6 +232,7 @@ FIELDS = {
     "eval.heldout_per_class": SIZE,
     "eval.split_seed": integer(0, 2**31 - 1),
     "eval.evaluator_widths": sizes(),
+    "eval.evaluator_hidden": COUNT,
     "eval.evaluator_extra_splits": text(r"([^,\s]+(,[^,\s]+)*)?",
                                         "'' or split names, comma-separated"),
     "eval.evaluator_steps": SIZE,
