@@ -80,11 +80,14 @@ def test_irs_verdict_is_unpaired_and_needs_two_seeds():
 
 
 def test_study_smoke_end_to_end(tmp_path, monkeypatch):
-  """Three runs on the smoke study through the CLI: sweep, records, study.json, the report; a
-  replicating target; runs made stale by a changed config."""
+  """Three runs on the smoke study through the CLI: sweep, ledger, study.json, the report; a
+  fresh workdir continues from the ledger; a replicating target; runs made stale by a changed
+  config."""
   out, doc = tmp_path / "study.json", tmp_path / "docs" / "RESULTS.md"
-  cmd = [sys.executable, "-m", "grasp_jax.study", f"--workdir={tmp_path / 'w'}", f"--out={out}",
-         f"--doc={doc}", "--runs=base,grasp,shared", "--config=configs/study.py:smoke,seeds=1"]
+  w, ledger = tmp_path / "w", tmp_path / "ledger"
+  cmd = [sys.executable, "-m", "grasp_jax.study", f"--workdir={w}", f"--ledger={ledger}",
+         f"--out={out}", f"--doc={doc}", "--runs=base,grasp,shared",
+         "--config=configs/study.py:smoke,seeds=1"]
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=2400)
   # A fatal signal's Python stacks come before a long list of extension modules: show them.
   fatal = proc.stderr.find("Fatal Python error")
@@ -112,24 +115,33 @@ def test_study_smoke_end_to_end(tmp_path, monkeypatch):
   assert -1 <= runs["grasp"]["diagnostics"]["head_tail_cosine"] <= 1
   assert data["alignment"]["dit"]["partitions"] == ["grasp"]
   assert "| grasp |" in doc.read_text() and data["replication"] == {}
-  # A second target replicates the headline runs: the same runs relabelled must report the same.
-  w = tmp_path / "w"
-  shutil.copytree(w / "dit" / "target_small", w / "dit" / "target_copy")
+  # The ledger alone makes the report: the same from a copy of it, with no workdir.
+  shutil.copytree(ledger, tmp_path / "clone")
   s = study_config.get_config("smoke,seeds=1")
+  report.write(study.collect(s, str(tmp_path / "clone")), s, str(tmp_path / "clone"),
+               str(tmp_path / "again.json"), str(tmp_path / "again.md"))
+  again = json.loads((tmp_path / "again.json").read_text())
+  assert (again["runs"], again["verdicts"]) == (data["runs"], data["verdicts"])
+  kept = {p.relative_to(ledger / "dit" / "target_small" / "grasp" / "seed0").parts[0]
+          for p in (ledger / "dit" / "target_small" / "grasp" / "seed0").rglob("*")}
+  assert kept == {"study_run.json", "eval", "diagnostics", "partition.json", "samples"}
+  # A second target replicates the headline runs: the same runs relabelled must report the same.
+  shutil.copytree(ledger / "dit" / "target_small", ledger / "dit" / "target_copy")
   s.targets = ("target_small", "target_copy")
   s.healthy = {**s.healthy, "target_copy": s.healthy["target_small"]}
-  for path in (w / "dit" / "target_copy").glob("*/seed*/study_run.json"):
+  for path in (ledger / "dit" / "target_copy").glob("*/seed*/study_run.json"):
     r = {**json.loads(path.read_text()), "target": "target_copy"}
     config = study.run_config(s, str(w), "dit", "target_copy", r["run"], r["seed"], "", r["lr"])
     path.write_text(json.dumps({**r, "config_sha": study.config_sha(config)}))
-  report.write(study.collect(s, str(w)), s, str(w), str(out), str(doc))
+  report.write(study.collect(s, str(ledger)), s, str(ledger), str(out), str(doc))
   copy = json.loads(out.read_text())["replication"]["target_copy"]
   assert copy["runs"] == data["runs"] and copy["verdicts"] == data["verdicts"]
   assert "Replication on `target_copy`" in doc.read_text()
   # A changed config (here GRASP's sampler) makes GRASP's finished runs stale: they leave the
-  # report, and the next study run moves them to superseded/ before redoing them.
+  # report, and the next study run removes them from the ledger, moves their run dir to
+  # superseded/ and redoes them.
   s.runs.dit.grasp.sample.steps += 1
-  assert {r["run"] for r in study.collect(s, str(w))} == {"base", "shared"}
+  assert {r["run"] for r in study.collect(s, str(ledger))} == {"base", "shared"}
   from grasp_jax.run import stages  # pylint: disable=g-import-not-at-top
 
   def redo(config, run_dir):
@@ -138,15 +150,20 @@ def test_study_smoke_end_to_end(tmp_path, monkeypatch):
   lrs = {"grasp": {"lr": data["runs"]["dit"]["grasp"]["lr"]}}
   seed0 = w / "dit" / "target_small" / "grasp" / "seed0"
   with pytest.raises(RuntimeError, match=f"redo {s.runs.dit.grasp.sample.steps} in {seed0}"):
-    study.run_one(s, str(w), "dit", "target_small", "grasp", 0, "", lrs)
+    study.run_one(s, str(w), str(ledger), "dit", "target_small", "grasp", 0, "", lrs)
   moved = w / "superseded" / "dit" / "target_small" / "grasp" / "seed0.1"
   assert (moved / "study_run.json").exists() and not (seed0 / "study_run.json").exists()
-  assert study.run_one(s, str(w), "dit", "target_small", "base", 0, "", lrs)["run"] == "base"
+  assert not (ledger / "dit" / "target_small" / "grasp" / "seed0").exists()
+  # A finished run is taken from the ledger, even in a workdir that never saw it (another
+  # machine, a fresh clone): `redo` would raise.
+  assert study.run_one(s, str(tmp_path / "fresh"), str(ledger), "dit", "target_small", "base", 0,
+                       "", lrs)["run"] == "base"
   # A sweep measured at other steps is redone at the study's; its old runs are superseded.
-  before = json.loads((w / "dit" / "sweep.json").read_text())["grasp"]
+  before = json.loads((ledger / "dit" / "sweep.json").read_text())["grasp"]
   assert before["steps"] == s.sweep_steps
   s.sweep_steps += 2
-  assert "grasp" not in report.provenance(study.collect(s, str(w)), s, str(w))["lr_sweep"]["dit"]
-  after = study.sweep(s, str(w), "dit", str(w / "dit" / "base"), {"grasp"})["grasp"]
+  assert "grasp" not in report.provenance(study.collect(s, str(ledger)), s,
+                                          str(ledger))["lr_sweep"]["dit"]
+  after = study.sweep(s, str(w), str(ledger), "dit", str(w / "dit" / "base"), {"grasp"})["grasp"]
   assert after["steps"] == s.sweep_steps and after["losses"] != before["losses"]
   assert (w / "superseded" / "dit" / "sweep").is_dir()

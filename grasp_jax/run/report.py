@@ -1,4 +1,5 @@
-"""The study's report: per-run records -> results/study.json and docs/RESULTS.md.
+"""The study's report: the ledger's runs (grasp_jax/run/study.py) -> results/study.json and
+docs/RESULTS.md.
 
 Per run (backbone, run; the first target is the headline, later targets replicate the headline
 runs and are reported under `replication`): per group the final evaluation's metrics as {mean,
@@ -34,6 +35,7 @@ GROUPS = ("frequency/head", "frequency/medium", "frequency/tail", "frequency/hea
 # The early-vs-final table (tail overfitting shows as a drop between the two evaluations).
 TRAJECTORY = (("accuracy", "conditional_accuracy"), ("domain", "coverage"), ("domain", "fd"))
 GRID_RUNS = ("base", "full", "grasp", "shared")
+GRID_PER_CLASS = 4  # Samples per tail class and run in the grid (the ledger keeps as many).
 REPLICATION_METRICS = ("coverage", "kid", "conditional_accuracy", "irs")
 
 
@@ -94,13 +96,13 @@ def early(records):
           for b, m in TRAJECTORY} for g in GROUPS}}
 
 
-def diagnostics(records, workdir):
-  """Mean over seeds of the final gradient-conflict diagnostics (WORKDIR/.../diagnostics/
+def diagnostics(records, ledger):
+  """Mean over seeds of the final gradient-conflict diagnostics (LEDGER/.../diagnostics/
   step_<final>.json): head-vs-tail class cosine of the FFN-kernel gradients on held-out batches,
   within- and between-cluster cosine; None when the runs have none."""
   found = []
   for r in records:
-    path = os.path.join(_dir(workdir, r), "diagnostics", f"step_{r['steps']}.json")
+    path = os.path.join(_dir(ledger, r), "diagnostics", f"step_{r['steps']}.json")
     if os.path.exists(path):
       found.append(files.read_json(path))
   if not found:
@@ -114,7 +116,7 @@ def diagnostics(records, workdir):
           "tail_classes": found[0]["tail_classes"]}
 
 
-def aggregate(records, study, workdir, target=None):
+def aggregate(records, study, ledger, target=None):
   """The `runs` and `floors` of study.json (module docstring) on `target` (default: the
   headline target)."""
   runs, floors = {}, {}
@@ -128,13 +130,13 @@ def aggregate(records, study, workdir, target=None):
         "seeds": sorted(r["seed"] for r in rs), "lr": rs[0]["lr"],
         # A zero-step run trains nothing (its adapters are still their zero initialisation).
         "trainable_params": rs[0]["trainable_params"] if rs[0]["steps"] else 0, "groups": groups,
-        "early": early(rs), "diagnostics": diagnostics(rs, workdir)}
+        "early": early(rs), "diagnostics": diagnostics(rs, ledger)}
     if run == study.compare_to:
       floors = {g: dict(per_seed[0][1].get(g, {})) for g in GROUPS}
   return runs, floors
 
 
-def verdicts(records, study, workdir, target=None):
+def verdicts(records, study, ledger, target=None):
   """Paired verdicts `compare_to` vs every other run (module docstring) on `target` (default:
   the headline target)."""
   out = []
@@ -152,7 +154,7 @@ def verdicts(records, study, workdir, target=None):
           c = combine([_unpaired(a, b, metric, group) for a, b in pairs])
           decided = c["n"] >= 2  # One seed: its interval ignores the seed-to-seed spread.
         else:
-          diffs = [compare.paired(_dir(workdir, a), _dir(workdir, b), metric, group,
+          diffs = [compare.paired(_dir(ledger, a), _dir(ledger, b), metric, group,
                                   n_boot=study.verdict_boot) for a, b in pairs]
           c = combine([{"value": d["diff"], "lo": d["lo"], "hi": d["hi"]} for d in diffs])
           decided = True
@@ -182,11 +184,11 @@ def _unpaired(a, b, metric, group):
   return {"value": diff, "lo": diff - 1.96 * math.sqrt(se2), "hi": diff + 1.96 * math.sqrt(se2)}
 
 
-def _dir(workdir, r):
-  return os.path.join(workdir, r["backbone"], r["target"], r["run"], f"seed{r['seed']}")
+def _dir(ledger, r):
+  return os.path.join(ledger, r["backbone"], r["target"], r["run"], f"seed{r['seed']}")
 
 
-def provenance(records, study, workdir):
+def provenance(records, study, ledger):
   try:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                             check=True).stdout.strip()
@@ -197,7 +199,7 @@ def provenance(records, study, workdir):
   # Sweeps at other steps than the study's are stale (redone when their family comes up).
   sweeps = {b: {fam: e for fam, e in files.read_json(p).items()
                 if e.get("steps") == int(study.sweep_steps)} for b in study.backbones
-            if os.path.exists(p := os.path.join(workdir, b, "sweep.json"))}
+            if os.path.exists(p := os.path.join(ledger, b, "sweep.json"))}
   return {"commit": commit, "target": {"builder": "fashion_mnist_lt", "configs":
                                        list(study.targets), "headline": study.targets[0]},
           "evaluator_accuracy": final["evaluator"]["accuracy"],
@@ -218,7 +220,7 @@ def _fmt(stat):
   return f"{stat['mean']:.3g} [{stat['lo']:.3g}, {stat['hi']:.3g}]"
 
 
-def _grid(workdir, records, backbone, tail_classes, per_class=4):
+def _grid(ledger, records, backbone, tail_classes, per_class=GRID_PER_CLASS):
   """Tail-class samples of GRID_RUNS (seed 0, headline target) as one image, rows = runs."""
   rows, names = [], []
   for run in GRID_RUNS:
@@ -228,7 +230,7 @@ def _grid(workdir, records, backbone, tail_classes, per_class=4):
       continue
     tiles = []
     for cls in tail_classes:
-      folder = os.path.join(_dir(workdir, r), "samples", generate.folder_name(cls))
+      folder = os.path.join(_dir(ledger, r), "samples", generate.folder_name(cls))
       pngs = sorted(os.listdir(folder))[:per_class] if os.path.isdir(folder) else []
       tiles += [np.asarray(PIL.Image.open(os.path.join(folder, p)).convert("L")) for p in pngs]
     if tiles:
@@ -237,9 +239,9 @@ def _grid(workdir, records, backbone, tail_classes, per_class=4):
   return (np.concatenate(rows, axis=0), names) if rows else (None, names)
 
 
-def alignment(study, workdir):
-  """{backbone: WORKDIR/<backbone>/<headline target>/alignment.json} of those that exist."""
-  paths = {b: os.path.join(workdir, b, study.targets[0], "alignment.json") for b in study.backbones}
+def alignment(study, ledger):
+  """{backbone: LEDGER/<backbone>/<headline target>/alignment.json} of those that exist."""
+  paths = {b: os.path.join(ledger, b, study.targets[0], "alignment.json") for b in study.backbones}
   return {b: files.read_json(p) for b, p in paths.items() if os.path.exists(p)}
 
 
@@ -271,25 +273,25 @@ def _names(metrics):
   return ", ".join(metrics) if metrics else "none"
 
 
-def write(records, study, workdir, out_path, doc_path):
+def write(records, study, ledger, out_path, doc_path):
   """results/study.json and docs/RESULTS.md from the finished records; returns the json."""
   if not records:
-    raise ValueError(f"no finished runs in {workdir}")
-  runs, floors = aggregate(records, study, workdir)
+    raise ValueError(f"no finished runs in {ledger}")
+  runs, floors = aggregate(records, study, ledger)
   # Later targets replicate the headline comparison under another class -> count permutation.
-  replication = {t: {"runs": aggregate(records, study, workdir, t)[0],
-                     "verdicts": verdicts(records, study, workdir, t)}
+  replication = {t: {"runs": aggregate(records, study, ledger, t)[0],
+                     "verdicts": verdicts(records, study, ledger, t)}
                  for t in study.targets[1:] if any(r["target"] == t for r in records)}
-  data = {"provenance": provenance(records, study, workdir), "runs": runs, "floors": floors,
-          "verdicts": verdicts(records, study, workdir),
-          "alignment": alignment(study, workdir), "replication": replication}
+  data = {"provenance": provenance(records, study, ledger), "runs": runs, "floors": floors,
+          "verdicts": verdicts(records, study, ledger),
+          "alignment": alignment(study, ledger), "replication": replication}
   files.write_json(out_path, data)
   prov = data["provenance"]
   planned = {r for r in study.runs[study.backbones[0]]}
   lines = [
       "# Study results", "",
-      "Generated by `python -m grasp_jax.study --workdir=...` (grasp_jax/run/study.py, "
-      "configs/study.py); numbers in `results/study.json`. Do not edit by hand.", "",
+      "Generated by `python -m grasp_jax.study` (grasp_jax/run/study.py, configs/study.py) from "
+      "the study's ledger (`results/study/`); numbers in `results/study.json`. Do not edit by hand.", "",
       f"Provenance: commit `{prov['commit']}`, target `{study.targets[0]}`, evaluator accuracy "
       f"on real target test images {prov['evaluator_accuracy']:.3f}"
       + ("" if prov["evaluator_ok"] else " (**below the floor: flagged**)")
@@ -385,13 +387,13 @@ def write(records, study, workdir, out_path, doc_path):
   doc_dir = os.path.dirname(os.path.abspath(doc_path))
   for backbone in runs:
     tail = _entry(_final(records[0]), "domain", "frequency/tail") or {}
-    grid, names = _grid(workdir, records, backbone, tail.get("classes", []))
+    grid, names = _grid(ledger, records, backbone, tail.get("classes", []))
     if grid is not None:
       rel = os.path.join("study", f"tail_{backbone}.png")
       plots.save_png(os.path.join(doc_dir, rel), grid)
       lines += ["", f"Tail-class samples ({backbone}; rows: {', '.join(names)}):", "",
                 f"![tail samples]({rel})"]
-    heatmap = os.path.join(workdir, backbone, study.targets[0], "grasp_gradient", "seed0",
+    heatmap = os.path.join(ledger, backbone, study.targets[0], "grasp_gradient", "seed0",
                            "partition_alignment.png")
     if os.path.exists(heatmap):
       rel = os.path.join("study", f"partition_alignment_{backbone}.png")

@@ -2,24 +2,30 @@ r"""The study driver: every run of the study config, resumable, then the report.
 
   python -m grasp_jax.study --workdir=workdir/study        # results/study.json, docs/RESULTS.md
 
+Two places: the WORKDIR holds what a run needs while it trains (checkpoints, caches, every
+sample); the LEDGER (default results/study/, committed) holds what the report reads: sweeps,
+every finished run's record, its final evaluation features, diagnostics, partition and a few
+samples per class. A finished run lives in the ledger, so the study continues where it stopped on
+another machine or in a fresh clone; the report is drawn from the ledger alone.
+
 Order: (1) one base per backbone, pretrained on the config's base data (the source domain) in
-WORKDIR/<backbone>/base; (2) the learning-rate sweep, per method family when its first run comes
-up: every rate of `lr_grid`, `sweep_steps` steps on the first target, scored by the flow /
-diffusion loss on the target's class-balanced validation split (fixed noise and timesteps for
-every rate) -> WORKDIR/<backbone>/sweep.json; (3) every run x target x seed at its family's rate
-(WORKDIR/<backbone>/<target>/<run>/seed<k>: the run's own workdir, evaluated in training and at
-the end, gradient-conflict diagnostics at the end), each recorded as study_run.json when done;
-(4) per backbone and target, once its last partitioned run is done, the within- vs
-between-cluster gradient alignment of the GRASP runs' partitions (prior, random, measured,
-K = C) on held-out batches of the frozen base -> WORKDIR/<backbone>/<target>/alignment.json;
-(5) the report (grasp_jax/run/report.py).
-Finished pieces are skipped, so an interrupted study continues where it stopped; a half-done run
-restarts from its last checkpoint.
+WORKDIR/<backbone>/base (or restored from the package); (2) the learning-rate sweep, per method
+family when its first run comes up: every rate of `lr_grid`, `sweep_steps` steps on the first
+target, scored by the flow / diffusion loss on the target's class-balanced validation split
+(fixed noise and timesteps for every rate) -> LEDGER/<backbone>/sweep.json; (3) every run x
+target x seed at its family's rate (WORKDIR/<backbone>/<target>/<run>/seed<k>: the run's own
+workdir, evaluated in training and at the end, gradient-conflict diagnostics at the end), kept in
+LEDGER/<backbone>/<target>/<run>/seed<k>/ (`keep`) when done; (4) per backbone and target, once
+its last partitioned run is done, the within- vs between-cluster gradient alignment of the GRASP
+runs' partitions (prior, random, measured, K = C) on held-out batches of the frozen base ->
+LEDGER/<backbone>/<target>/alignment.json; (5) the report (grasp_jax/run/report.py).
+Finished pieces are skipped; a half-done run restarts from its last checkpoint in WORKDIR.
 """
 import glob
 import hashlib
 import json
 import os
+import shutil
 import time
 
 from absl import flags
@@ -36,7 +42,8 @@ from grasp_jax.run import setup
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/study.py", "The study config (runs[backbone]"
                                 "[run] is each run's full config).", lock_config=False)
-flags.DEFINE_string("workdir", "workdir/study", "Runs, bases, sweeps and caches.")
+flags.DEFINE_string("workdir", "workdir/study", "Scratch: runs' checkpoints, bases, caches.")
+flags.DEFINE_string("ledger", "results/study", "The study's record (module docstring).")
 flags.DEFINE_string("out", "results/study.json", "Aggregated results.")
 flags.DEFINE_string("doc", "docs/RESULTS.md", "The report (its images go next to it, study/).")
 flags.DEFINE_list("runs", [], "Runs of the study config to train (default: all).")
@@ -85,13 +92,13 @@ def validation_loss(exp, trainer):
     return float(np.mean([loss(params, b, jax.random.key(i)) for i, b in enumerate(batches)]))
 
 
-def sweep(study, workdir, backbone, base, families):
+def sweep(study, workdir, ledger, backbone, base, families):
   """{family: {"lr": chosen, "steps": sweep_steps, "losses": {lr: loss}}} of `families`:
-  WORKDIR/<backbone>/sweep.json, resumable; a family swept at another `sweep_steps` is redone,
+  LEDGER/<backbone>/sweep.json, resumable; a family swept at another `sweep_steps` is redone,
   and a rate's run dir made under another config is superseded (`supersede`) first."""
   from grasp_jax.task import experiment  # pylint: disable=g-import-not-at-top
   from grasp_jax.trainer import loop  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, backbone, "sweep.json")
+  path = os.path.join(ledger, backbone, "sweep.json")
   done = files.read_json(path) if os.path.exists(path) else {}
   for fam in sorted(families):
     rates = study.lr_grid[fam]
@@ -159,25 +166,31 @@ def run_config(study, workdir, backbone, target, run, seed, base, lr):
   return config
 
 
-def run_one(study, workdir, backbone, target, run, seed, base, lrs):
-  """Trains + evaluates one run (skipped when done under the same config); returns its record.
+def run_one(study, workdir, ledger, backbone, target, run, seed, base, lrs):
+  """Trains + evaluates one run (skipped when the ledger has it under the same config), keeps it
+  in the ledger; returns its record.
 
   A finished run whose config differs from the one the study would run now (another evaluator,
-  budget, sampler, ...) is stale: its folder moves to WORKDIR/superseded/ (kept, never mixed into
-  the report) and the run is redone.
+  budget, sampler, ...) is stale: its ledger entry is removed (git history keeps it), its
+  WORKDIR folder moves to WORKDIR/superseded/, and the run is redone.
   """
   from grasp_jax.run import stages  # pylint: disable=g-import-not-at-top
-  run_dir = os.path.join(workdir, backbone, target, run, f"seed{seed}")
-  record_path = os.path.join(run_dir, "study_run.json")
+  rel = os.path.join(backbone, target, run, f"seed{seed}")
+  run_dir, kept = os.path.join(workdir, rel), os.path.join(ledger, rel)
   config = run_config(study, workdir, backbone, target, run, seed, base,
                       lrs[family(study.runs[backbone][run])]["lr"])
   setup.validate_config(config)
   sha = config_sha(config)
-  if os.path.exists(record_path):
-    record = files.read_json(record_path)
-    if record.get("config_sha") == sha:
+  for folder in (kept, run_dir):  # A run finished in WORKDIR but not yet kept is kept now.
+    record = _record(folder)
+    if record is not None and record.get("config_sha") == sha:
+      if folder == run_dir:
+        keep(run_dir, kept, record)
       return record
-  if os.path.exists(record_path) or _other_config(run_dir, sha):
+  if _record(kept) is not None:
+    logging.warning("study: %s ran under another config; removed from the ledger", kept)
+    shutil.rmtree(kept)
+  if _record(run_dir) is not None or _other_config(run_dir, sha):
     supersede(workdir, run_dir)
   start = time.perf_counter()
   with lock.hold(run_dir):
@@ -190,8 +203,45 @@ def run_one(study, workdir, backbone, target, run, seed, base, lrs):
             "batch_size": int(config.data.batch_size), "seconds": time.perf_counter() - start,
             "steps_evaluated": sorted(int(s) for s in results), "config_sha": sha,
             "results": results}
-  files.write_json(record_path, record)
+  files.write_json(os.path.join(run_dir, RECORD), record)
+  keep(run_dir, kept, record)
   return record
+
+
+RECORD = "study_run.json"
+
+
+def _record(folder):
+  path = os.path.join(folder, RECORD)
+  return files.read_json(path) if os.path.exists(path) else None
+
+
+def keep(run_dir, kept, record):
+  """Copies what the report reads of a finished run into its ledger folder `kept`, in the run
+  dir's layout: the final evaluation's features and their reference, the final diagnostics, the
+  partition (and its alignment heatmap), the first samples of each class (the report's grids),
+  and the record last: the record marks the entry complete."""
+  from grasp_jax.evaluation import compare  # pylint: disable=g-import-not-at-top
+  from grasp_jax.inference import generate  # pylint: disable=g-import-not-at-top
+  from grasp_jax.run import report  # pylint: disable=g-import-not-at-top
+  if os.path.exists(kept):
+    shutil.rmtree(kept)
+  step = record["steps_evaluated"][-1]
+  meta = compare.load_run(run_dir, step)[0]["meta"]
+  names = [os.path.join("eval", f"step_{step:06d}", "features.npz"),
+           os.path.join("eval", meta["reference"]),
+           os.path.join("diagnostics", f"step_{record['steps']}.json"), "partition.json",
+           "partition_alignment.png", os.path.join("samples", "classes.json")]
+  for cls in meta["class_names"]:
+    folder = os.path.join("samples", generate.folder_name(cls))
+    if os.path.isdir(os.path.join(run_dir, folder)):
+      names += [os.path.join(folder, f) for f in
+                sorted(os.listdir(os.path.join(run_dir, folder)))[:report.GRID_PER_CLASS]]
+  for name in names:
+    if os.path.exists(src := os.path.join(run_dir, name)):
+      os.makedirs(os.path.dirname(dst := os.path.join(kept, name)), exist_ok=True)
+      shutil.copyfile(src, dst)
+  files.write_json(os.path.join(kept, RECORD), record)
 
 
 def supersede(workdir, run_dir):
@@ -219,13 +269,13 @@ def _other_config(run_dir, sha):
 ALIGNMENT_RUNS = ("grasp", "grasp_random", "grasp_gradient", "grasp_kc")
 
 
-def partition_alignment(study, workdir, backbone, target, base):
-  """WORKDIR/<backbone>/<target>/alignment.json: `gradient_partition.heldout_alignment` of the
-  seed-0 partitions of ALIGNMENT_RUNS that exist (None when none does); resumable."""
+def partition_alignment(study, workdir, ledger, backbone, target, base):
+  """LEDGER/<backbone>/<target>/alignment.json: `gradient_partition.heldout_alignment` of the
+  seed-0 partitions of ALIGNMENT_RUNS that the ledger has (None when none); resumable."""
   from grasp_jax import partition as partition_lib  # pylint: disable=g-import-not-at-top
   from grasp_jax.run import gradient_partition  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, backbone, target, "alignment.json")
-  parts = {r: os.path.join(workdir, backbone, target, r, "seed0", "partition.json")
+  path = os.path.join(ledger, backbone, target, "alignment.json")
+  parts = {r: os.path.join(ledger, backbone, target, r, "seed0", "partition.json")
            for r in ALIGNMENT_RUNS}
   parts = {r: partition_lib.Partition.load(p) for r, p in parts.items() if os.path.exists(p)}
   done = files.read_json(path) if os.path.exists(path) else None
@@ -245,15 +295,15 @@ def partition_alignment(study, workdir, backbone, target, base):
   return out
 
 
-def collect(study, workdir):
-  """Every finished run's record in WORKDIR (this invocation's and earlier ones') that ran under
-  the config the study has now; stale ones (redone by the next run of the study) are left out."""
+def collect(study, ledger):
+  """Every run's record in the ledger that ran under the config the study has now; stale ones
+  (redone by the next run of the study) are left out."""
   out, stale = [], []
-  for path in sorted(glob.glob(os.path.join(workdir, "*", "*", "*", "seed*", "study_run.json"))):
+  for path in sorted(glob.glob(os.path.join(ledger, "*", "*", "*", "seed*", RECORD))):
     r = files.read_json(path)
     current = r["run"] in study.runs.get(r["backbone"], {}) and r["target"] in study.targets
     if current and r.get("config_sha") == config_sha(run_config(
-        study, workdir, r["backbone"], r["target"], r["run"], r["seed"], "", r["lr"])):
+        study, "", r["backbone"], r["target"], r["run"], r["seed"], "", r["lr"])):
       out.append(r)
     else:
       stale.append(os.path.dirname(path))
@@ -292,9 +342,11 @@ def main(argv):
     if swept.get("steps") != int(study.sweep_steps) or any(
         str(lr) not in swept["losses"] for lr in study.lr_grid[fam]):
       with lock.hold(os.path.join(FLAGS.workdir, backbone)):
-        lrs[backbone] = sweep(study, FLAGS.workdir, backbone, bases[backbone], {fam})
+        lrs[backbone] = sweep(study, FLAGS.workdir, FLAGS.ledger, backbone, bases[backbone],
+                              {fam})
     logging.info("study: %s / %s / %s / seed %d", backbone, target, run, seed)
-    run_one(study, FLAGS.workdir, backbone, target, run, seed, bases[backbone], lrs[backbone])
+    run_one(study, FLAGS.workdir, FLAGS.ledger, backbone, target, run, seed, bases[backbone],
+            lrs[backbone])
     if last_partitioned.get((backbone, target)) == (backbone, target, run, seed):
-      partition_alignment(study, FLAGS.workdir, backbone, target, bases[backbone])
-  report.write(collect(study, FLAGS.workdir), study, FLAGS.workdir, FLAGS.out, FLAGS.doc)
+      partition_alignment(study, FLAGS.workdir, FLAGS.ledger, backbone, target, bases[backbone])
+  report.write(collect(study, FLAGS.ledger), study, FLAGS.ledger, FLAGS.out, FLAGS.doc)
