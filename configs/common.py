@@ -207,7 +207,7 @@ def base_config():
   # Splits the generator never trains on whose every image also trains the evaluator.
   c.eval.evaluator_extra_splits = ""
   c.eval.evaluator_widths = (16, 32, 64)  # The frozen evaluator CNN's stage widths.
-  c.eval.evaluator_hidden = 0  # Its features: 0 = global mean, else a dense layer (classifier.CNN).
+  c.eval.evaluator_hidden = 0  # Its features: 0 = global mean, else a dense layer (networks.CNN).
   c.eval.evaluator_steps = 1000
   c.eval.evaluator_batch_size = 128
   c.eval.evaluator_learning_rate = 3e-3

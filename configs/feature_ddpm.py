@@ -49,7 +49,7 @@ def get_config(arg=None):
   c.groups.k = 3
   c.groups.thresholds = ""  # e.g. '100,20'; '' -> equal numbers of classes per group.
 
-  c.encoder = mlc.ConfigDict()  # grasp_jax.evaluation.classifier.DenseNet
+  c.encoder = mlc.ConfigDict()  # grasp_jax.evaluation.networks.DenseNet
   c.encoder.growth_rate = 12
   c.encoder.block_config = (2, 2, 2)
   c.encoder.num_init_features = 16

@@ -7,6 +7,7 @@ import pytest
 from sklearn import metrics as skm
 
 from grasp_jax.evaluation import classifier
+from grasp_jax.evaluation import networks
 
 
 @pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
@@ -38,7 +39,7 @@ def test_metrics_match_sklearn(absent_class):
 
 def test_densenet121_parameter_count():
   """torchvision's densenet121 (1000 classes) has 7,978,856 parameters."""
-  model = classifier.densenet(1000, **classifier.DENSENET121)
+  model = networks.densenet(1000, **networks.DENSENET121)
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3))))
   params = nn.unbox(shapes["params"])
   assert sum(np.prod(p.shape) for p in jax.tree.leaves(params)) == 7_978_856
@@ -59,8 +60,8 @@ def test_learns_separable_toy_with_extra_source():
   rng = np.random.default_rng(0)
   x, y = _toy(rng, 400)
   x_test, y_test = _toy(rng, 150)
-  model = classifier.densenet(3, growth_rate=4, block_config=(1, 1), num_init_features=8,
-                              small_input=True)
+  model = networks.densenet(3, growth_rate=4, block_config=(1, 1), num_init_features=8,
+                            small_input=True)
   # Half the data comes in through the `extra` hook (as synthetic images would).
   clf = classifier.train(model, x[:200], y[:200], steps=60, batch_size=32, learning_rate=3e-3,
                          seed=0, extra=(x[200:], y[200:]), extra_fraction=0.5)
@@ -74,9 +75,9 @@ def test_learns_separable_toy_with_extra_source():
 
 def test_bad_input():
   with pytest.raises(ValueError, match=r"\[-1, 1\]"):
-    classifier.to_model_input(np.full((1, 4, 4, 1), 3.0))
+    networks.to_model_input(np.full((1, 4, 4, 1), 3.0))
   with pytest.raises(ValueError, match="labels"):
     classifier.classification_metrics(np.array([0, 7]), np.array([0, 1]), 3)
-  model = classifier.densenet(3, **classifier.TINY)
+  model = networks.densenet(3, **networks.TINY)
   with pytest.raises(ValueError, match="labels must lie"):
     classifier.train(model, np.zeros((2, 8, 8, 1)), np.array([0, 5]), steps=1)

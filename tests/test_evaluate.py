@@ -30,6 +30,7 @@ from grasp_jax.evaluation import compare
 from grasp_jax.evaluation import evaluator
 from grasp_jax.evaluation import inception
 from grasp_jax.evaluation import metrics
+from grasp_jax.evaluation import networks
 from grasp_jax.run import evaluate
 import writers
 
@@ -140,7 +141,7 @@ def roles(builder):
 def load_evaluator(results):
   with open(results["evaluator"]["file"], "rb") as f:
     variables = flax.serialization.msgpack_restore(f.read())
-  return classifier.Classifier(classifier.CNN(10, widths=(4, 8)), variables)
+  return classifier.Classifier(networks.CNN(10, widths=(4, 8)), variables)
 
 
 def assert_close(got, expected):
@@ -275,7 +276,7 @@ def test_downstream_uses_the_stated_data(run):
   # The synthetic-only classifier, retrained here on the same data, scores the same.
   test, test_y = decode(run["builder"], "test", rec["test"])
   val = decode(run["builder"], "test", rec["val"])
-  clf = classifier.train(classifier.densenet(10, **classifier.TINY), run["fake"], run["fake_y"],
+  clf = classifier.train(networks.densenet(10, **networks.TINY), run["fake"], run["fake_y"],
                          steps=2, batch_size=64, seed=0, validation=val, validate_every=1)
   expected = classifier.classification_metrics(test_y, clf.predict(test), 10, class_names=NAMES)
   for key in ("macro_f1", "balanced_accuracy", "nonzero_f1_classes"):

@@ -9,12 +9,14 @@ import jax
 import numpy as np
 import pytest
 
+from grasp_jax.evaluation import augment
 from grasp_jax.evaluation import classifier
 from grasp_jax.evaluation import compare
 from grasp_jax.evaluation import downstream
 from grasp_jax.evaluation import estimates
 from grasp_jax.evaluation import evaluator
 from grasp_jax.evaluation import metrics
+from grasp_jax.evaluation import networks
 from grasp_jax.run import evaluate
 
 
@@ -147,7 +149,7 @@ def test_early_stopping_keeps_the_best_validated_weights():
   rng = np.random.default_rng(4)
   x, y = _toy(rng, 120)
   val = _toy(rng, 60)
-  model = classifier.CNN(3, widths=(4,), convs=1)
+  model = networks.CNN(3, widths=(4,), convs=1)
   clf = classifier.train(model, x, y, steps=12, batch_size=16, learning_rate=1e-2, seed=0,
                          validation=val, validate_every=3, patience=1)
   h = clf.history
@@ -184,11 +186,11 @@ def test_training_appearance_changes_match_the_measured_perturbations():
   """The evaluator trains on the changes its robustness is measured under (uint8 loops above);
   in [-1, 1] they may differ from the rounded uint8 ones by half a grey level."""
   x = np.random.default_rng(1).integers(0, 256, (4, 8, 8, 1)).astype(np.uint8)
-  xf = classifier.to_model_input(x)
+  xf = networks.to_model_input(x)
   noise = np.random.default_rng(2).normal(size=xf.shape).astype(np.float32)
   op = np.array([0, 1, 2, 4])  # none, brightness, noise, the second block size (4)
   amount = np.array([0.0, 40.0, 20.0, 0.0], np.float32)
-  out = np.asarray(classifier.perturb_appearance(xf, op, amount, noise, (2, 4)))
+  out = np.asarray(augment.perturb_appearance(xf, op, amount, noise, (2, 4)))
   grey = lambda v: (v + 1) * 127.5
   tol = 0.5 + 1e-3
   assert np.array_equal(out[0], xf[0])
@@ -200,7 +202,7 @@ def test_training_appearance_changes_match_the_measured_perturbations():
 
 def test_random_appearance_changes_half_the_batch_within_the_ranges():
   x = np.random.default_rng(0).uniform(-0.4, 0.4, (600, 8, 8, 1)).astype(np.float32)
-  out = np.asarray(classifier._random_appearance(x, jax.random.key(0), (50.0, 30.0, (2,))))
+  out = np.asarray(augment.random_appearance(x, jax.random.key(0), (50.0, 30.0, (2,))))
   diff = (out - x).reshape(600, -1) * 127.5
   changed = np.abs(diff).max(1) > 1e-3
   assert 0.42 < changed.mean() < 0.58
@@ -212,7 +214,7 @@ def test_random_appearance_changes_half_the_batch_within_the_ranges():
   assert np.abs(diff[shifted]).max() <= 50 + 1e-3
   assert diff[noisy].std(1).max() < 30 * 1.4  # sd <= 30, estimated from 64 pixels
   with pytest.raises(ValueError, match="block sizes that divide"):
-    classifier.train(classifier.CNN(num_classes=2, widths=(4,), convs=1),
+    classifier.train(networks.CNN(num_classes=2, widths=(4,), convs=1),
                      np.zeros((2, 6, 6, 1)), np.array([0, 1]), steps=1,
                      appearance=(0, 0, (4,)))
 
@@ -220,7 +222,7 @@ def test_random_appearance_changes_half_the_batch_within_the_ranges():
 def test_cnn_hidden_features_against_numpy():
   """hidden > 0: features = ReLU(dense(flattened last stage)), here one 3x3 conv-BN-ReLU stage
   computed with loops (BN at its initial running statistics: mean 0, variance 1)."""
-  model = classifier.CNN(2, widths=(3,), convs=1, hidden=5)
+  model = networks.CNN(2, widths=(3,), convs=1, hidden=5)
   x = np.random.default_rng(0).normal(size=(2, 6, 6, 1)).astype(np.float32)
   variables = nn.unbox(model.init(jax.random.key(0), x))
   p = jax.tree.map(np.asarray, variables["params"])

@@ -1,12 +1,13 @@
-"""Image classifiers in Flax (DenseNet-121 family, a small CNN), their training loop and metrics.
+"""Training and scoring image classifiers (the networks of grasp_jax.evaluation.networks).
 
 GRASP's downstream check trains a DenseNet on real and/or synthetic images and reports macro-F1,
-balanced accuracy, per-class F1 and how many classes get a nonzero F1. The DenseNet is also the
-encoder phi of the feature-level method (grasp_jax/feature_ddpm); the small CNN is the frozen
-evaluator (grasp_jax.evaluation.evaluator). `Classifier.features` are the penultimate pooled
-features of either.
+balanced accuracy, per-class F1 and how many classes get a nonzero F1; the frozen evaluator and
+the feature-level method's encoder are trained here too. This module holds the predictor
+(`Classifier`: batched, jitted inference, `features` the penultimate pooled features), the
+training loop (`train`, its loss and minibatches) and the classification metrics (`train`'s
+early stopping uses them).
 
-  model = classifier.densenet(num_classes=10, **classifier.TINY)   # CPU-sized member
+  model = networks.densenet(num_classes=10, **networks.TINY)
   clf = classifier.train(model, images, labels, steps=500)         # images [N,H,W,C] in [-1, 1]
   metrics = classifier.classification_metrics(test_labels, clf.predict(test_images), 10, groups)
 
@@ -22,125 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-# DenseNet-121 (Huang et al. 2017; torchvision's layout): the paper's downstream network.
-DENSENET121 = dict(growth_rate=32, block_config=(6, 12, 24, 16), num_init_features=64)
-# A member that trains in minutes on 2 CPU cores at 28-32 px (stride-2 3x3 stem): 46-d features.
-TINY = dict(growth_rate=12, block_config=(2, 2, 2), num_init_features=16, bn_size=2,
-            small_input=True, stem_stride=2)
-
-_CONV_AXES = (None, None, "conv_in", "conv_out")
-
-
-def _conv(features, kernel, strides=1, name=None):
-  return nn.Conv(features, (kernel, kernel), strides=strides, padding=kernel // 2, use_bias=False,
-                 kernel_init=nn.with_logical_partitioning(
-                     nn.initializers.kaiming_normal(), _CONV_AXES), name=name)
-
-
-def _norm(train, name=None):
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
-                      name=name)
-
-
-class DenseLayer(nn.Module):
-  """BN-ReLU-Conv1x1 (bottleneck) - BN-ReLU-Conv3x3; the output is concatenated to the input."""
-  growth_rate: int
-  bn_size: int
-
-  @nn.compact
-  def __call__(self, x, train):
-    h = _conv(self.bn_size * self.growth_rate, 1, name="conv1")(nn.relu(_norm(train, "norm1")(x)))
-    h = _conv(self.growth_rate, 3, name="conv2")(nn.relu(_norm(train, "norm2")(h)))
-    return jnp.concatenate([x, h], axis=-1)
-
-
-class DenseNet(nn.Module):
-  """DenseNet with configurable growth rate, block configuration and stem.
-
-  small_input: a 3x3 stem with stride `stem_stride` and no pooling (28-32 px images) instead of
-    the ImageNet stem (7x7/2 conv and 3x3/2 max-pool).
-  `__call__(x, train)` -> logits [B, num_classes]; with `return_features` also the pooled
-  penultimate features [B, F].
-  """
-  num_classes: int
-  growth_rate: int = 32
-  block_config: Sequence[int] = (6, 12, 24, 16)
-  num_init_features: int = 64
-  bn_size: int = 4
-  compression: float = 0.5
-  small_input: bool = False
-  stem_stride: int = 1
-
-  @nn.compact
-  def __call__(self, x, train=False, return_features=False):
-    if self.small_input:
-      x = _conv(self.num_init_features, 3, strides=self.stem_stride, name="conv0")(x)
-    else:
-      x = _conv(self.num_init_features, 7, strides=2, name="conv0")(x)
-      x = nn.relu(_norm(train, "norm0")(x))
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-    for b, num_layers in enumerate(self.block_config):
-      for i in range(num_layers):
-        x = DenseLayer(self.growth_rate, self.bn_size, name=f"block{b}_layer{i}")(x, train)
-      if b < len(self.block_config) - 1:  # Transition: halve channels and resolution.
-        x = nn.relu(_norm(train, f"transition{b}_norm")(x))
-        x = _conv(int(x.shape[-1] * self.compression), 1, name=f"transition{b}_conv")(x)
-        x = nn.avg_pool(x, (2, 2), strides=(2, 2))
-    x = nn.relu(_norm(train, "norm_final")(x))
-    features = jnp.mean(x, axis=(1, 2))
-    logits = nn.Dense(self.num_classes, name="head",
-                      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
-                                                               (None, None)),
-                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)))(
-                          features)
-    return (logits, features) if return_features else logits
-
-
-class CNN(nn.Module):
-  """VGG-style: per stage `convs` 3x3 conv-BN-ReLU layers of `width` channels, a 2x2 max-pool
-  between stages. The penultimate features: with `hidden` = 0 the global mean of the last stage;
-  else a ReLU dense layer of `hidden` units on the flattened last stage, which keeps where in the
-  image a feature fires (a sleeve's or a collar's place), what global pooling discards. Same call
-  convention as DenseNet."""
-  num_classes: int
-  widths: Sequence[int] = (32, 64, 128)
-  convs: int = 2
-  hidden: int = 0
-
-  @nn.compact
-  def __call__(self, x, train=False, return_features=False):
-    for s, width in enumerate(self.widths):
-      if s:
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
-      for i in range(self.convs):
-        x = nn.relu(_norm(train, f"stage{s}_norm{i}")(_conv(width, 3, name=f"stage{s}_conv{i}")(x)))
-    if self.hidden:
-      features = nn.relu(nn.Dense(self.hidden, name="hidden")(x.reshape(x.shape[0], -1)))
-    else:
-      features = jnp.mean(x, axis=(1, 2))
-    logits = nn.Dense(self.num_classes, name="head")(features)
-    return (logits, features) if return_features else logits
-
-
-def densenet(num_classes, **kwargs) -> DenseNet:
-  """A DenseNet; `densenet(c, **DENSENET121)` is DenseNet-121, `densenet(c, **TINY)` the CPU one."""
-  return DenseNet(num_classes=num_classes, **kwargs)
-
-
-def to_model_input(images) -> np.ndarray:
-  """[N, H, W, C] uint8 (0..255) or float in [-1, 1] -> float32 in [-1, 1]."""
-  images = np.asarray(images)
-  if images.ndim != 4:
-    raise ValueError(f"images must be [N, H, W, C], got shape {images.shape}")
-  if images.dtype == np.uint8:
-    return images.astype(np.float32) / 127.5 - 1.0
-  images = images.astype(np.float32)
-  if images.size and (images.min() < -1.001 or images.max() > 1.001):
-    raise ValueError(f"float images must lie in [-1, 1], got range "
-                     f"[{images.min():.3f}, {images.max():.3f}]")
-  return images
+from grasp_jax.evaluation import augment
+from grasp_jax.evaluation import networks
 
 
 def cross_entropy(logits, labels, weights, step):
@@ -171,7 +55,7 @@ class Classifier:
     self._forward = _forward(model)
 
   def _run(self, images, batch_size):
-    images = to_model_input(images)
+    images = networks.to_model_input(images)
     logits, feats = [], []
     for i in range(0, len(images), batch_size):
       chunk = images[i:i + batch_size]
@@ -231,47 +115,6 @@ class _Batches:
                                                                    self.n_extra)])
 
 
-def _shift(x, key, pixels):
-  """Each image translated by up to `pixels` in x and y (edge pixels repeated)."""
-  h, w = x.shape[1:3]
-  offsets = jax.random.randint(key, (x.shape[0], 2), 0, 2 * pixels + 1)
-  padded = jnp.pad(x, ((0, 0), (pixels, pixels), (pixels, pixels), (0, 0)), mode="edge")
-  crop = lambda image, o: jax.lax.dynamic_slice(image, (o[0], o[1], 0), (h, w, x.shape[3]))
-  return jax.vmap(crop)(padded, offsets)
-
-
-def perturb_appearance(x, op, amount, noise, blocks):
-  """Images x [N, H, W, C] in [-1, 1], each under one low-level change (op[i]): 0 none,
-  1 brightness (+amount[i] grey levels), 2 Gaussian noise (noise[i] * amount[i] grey levels of sd;
-  noise: standard normal like x), 3 + j mean of every blocks[j] x blocks[j] block; clipped to
-  [-1, 1] like uint8 images."""
-  scale = 127.5  # grey levels per unit of [-1, 1]
-  out = jnp.where((op == 1)[:, None, None, None], x + (amount / scale)[:, None, None, None], x)
-  out = jnp.where((op == 2)[:, None, None, None],
-                  x + noise * (amount / scale)[:, None, None, None], out)
-  n, h, w, c = x.shape
-  for j, k in enumerate(blocks):
-    means = x.reshape(n, h // k, k, w // k, k, c).mean((2, 4))
-    blocky = jnp.repeat(jnp.repeat(means, k, 1), k, 2)
-    out = jnp.where((op == 3 + j)[:, None, None, None], blocky, out)
-  return jnp.clip(out, -1.0, 1.0)
-
-
-def _random_appearance(x, key, appearance):
-  """Half of the images under one change of `appearance` = (brightness, noise, blocks): a shift
-  uniform in +-brightness grey levels, noise of sd uniform in [0, noise], or one block size."""
-  brightness, noise_sd, blocks = appearance
-  ops = [op for op, on in ((1, brightness), (2, noise_sd)) if on]
-  ops += [3 + j for j in range(len(blocks))]
-  k_on, k_op, k_amount, k_noise = jax.random.split(key, 4)
-  n = x.shape[0]
-  op = jnp.asarray(ops)[jax.random.randint(k_op, (n,), 0, len(ops))]
-  op = jnp.where(jax.random.bernoulli(k_on, 0.5, (n,)), op, 0)
-  u = jax.random.uniform(k_amount, (n,))
-  amount = jnp.where(op == 1, (2 * u - 1) * brightness, u * noise_sd)
-  return perturb_appearance(x, op, amount, jax.random.normal(k_noise, x.shape), blocks)
-
-
 @functools.lru_cache(maxsize=8)
 def _step_fn(model, learning_rate, cosine_steps, weight_decay, loss_fn, flip, shift, appearance):
   """(jitted init, jitted train step, optimizer): cached, so classifiers of one kind compile
@@ -288,9 +131,9 @@ def _step_fn(model, learning_rate, cosine_steps, weight_decay, loss_fn, flip, sh
       mirror = jax.random.bernoulli(key, 0.5, (x.shape[0],))
       x = jnp.where(mirror[:, None, None, None], x[:, :, ::-1], x)
     if shift:
-      x = _shift(x, jax.random.fold_in(key, 1), shift)
+      x = augment.shift(x, jax.random.fold_in(key, 1), shift)
     if appearance:
-      x = _random_appearance(x, jax.random.fold_in(key, 2), appearance)
+      x = augment.random_appearance(x, jax.random.fold_in(key, 2), appearance)
 
     def loss(p):
       logits, updates = model.apply({"params": p, "batch_stats": batch_stats}, x, train=True,
@@ -320,7 +163,7 @@ def train(model, images, labels, *, steps: int, batch_size: int = 64,
     minibatch then holds round(batch_size * extra_fraction) of its samples.
   flip, shift: random horizontal flips; random translations by up to `shift` pixels.
   appearance: None or (brightness, noise, block sizes): half of each batch under one random
-    low-level change (`_random_appearance`), so that predictions rest on shape more than on
+    low-level change (`augment.random_appearance`), so that predictions rest on shape more than on
     brightness, grain or blockiness, which generators' samples often get wrong.
   balanced: draw the (real) rows class-balanced instead of uniformly.
   cosine: cosine decay of the learning rate to 0 over `steps`; weight_decay: AdamW's.
@@ -329,14 +172,14 @@ def train(model, images, labels, *, steps: int, batch_size: int = 64,
     measurements without improvement (0: runs all steps).
   writer: a CLU metric writer for the training loss every `log_every` steps (`prefix/loss`).
   """
-  images = to_model_input(images)
+  images = networks.to_model_input(images)
   labels = np.asarray(labels, np.int32)
   if len(images) != len(labels) or not len(images):
     raise ValueError(f"{len(images)} images and {len(labels)} labels: need equal, nonzero counts")
   real_labels = labels
   num_extra = 0
   if extra is not None:
-    extra_images, extra_labels = to_model_input(extra[0]), np.asarray(extra[1], np.int32)
+    extra_images, extra_labels = networks.to_model_input(extra[0]), np.asarray(extra[1], np.int32)
     if len(extra_images) != len(extra_labels):
       raise ValueError(f"extra source: {len(extra_images)} images, {len(extra_labels)} labels")
     if extra_images.shape[1:] != images.shape[1:]:

@@ -63,7 +63,7 @@ def run(model_fn, sets, validation, test, groups, names, *, steps, batch_size, v
         patience, seed=0, n_boot=200):
   """Trains one classifier per entry of `sets` (`training_sets`) and scores it on `test`.
 
-  model_fn: () -> a fresh network (classifier.DenseNet or CNN); validation, test: (images,
+  model_fn: () -> a fresh network (networks.DenseNet or CNN); validation, test: (images,
   labels) of real images. Returns {variant: scores + training record}.
   """
   out = {}

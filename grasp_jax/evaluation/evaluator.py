@@ -32,6 +32,7 @@ import numpy as np
 
 from grasp_jax import files
 from grasp_jax.evaluation import classifier
+from grasp_jax.evaluation import networks
 
 FEATURES = "evaluator_cnn_penultimate"
 _LOADED = {}  # cache file -> (Classifier, record): evaluations of one process share them
@@ -60,8 +61,8 @@ def indices_sha1(indices):
 
 def model(spec):
   arch = spec["arch"]  # "hidden" is in the spec only when nonzero: older keys stay valid.
-  return classifier.CNN(num_classes=spec["classes"], widths=tuple(arch["widths"]),
-                        convs=arch["convs"], hidden=arch.get("hidden", 0))
+  return networks.CNN(num_classes=spec["classes"], widths=tuple(arch["widths"]),
+                      convs=arch["convs"], hidden=arch.get("hidden", 0))
 
 
 def key(spec):

@@ -22,6 +22,7 @@ import tensorflow_datasets as tfds
 from grasp_jax import partition
 from grasp_jax.diffusion import schedules
 from grasp_jax.evaluation import classifier
+from grasp_jax.evaluation import networks
 from grasp_jax.feature_ddpm import ddpm
 from grasp_jax.feature_ddpm import head as head_lib
 from grasp_jax.feature_ddpm import losses
@@ -62,10 +63,10 @@ def class_groups(config, class_names, counts):
 
 def encoder_network(config, num_classes):
   e = config.encoder
-  return classifier.densenet(num_classes, growth_rate=e.growth_rate,
-                             block_config=tuple(e.block_config),
-                             num_init_features=e.num_init_features, bn_size=e.bn_size,
-                             small_input=e.small_input, stem_stride=e.stem_stride)
+  return networks.densenet(num_classes, growth_rate=e.growth_rate,
+                           block_config=tuple(e.block_config),
+                           num_init_features=e.num_init_features, bn_size=e.bn_size,
+                           small_input=e.small_input, stem_stride=e.stem_stride)
 
 
 def encode(config, workdir, data, num_classes, groups, class_names, writer):

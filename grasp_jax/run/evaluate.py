@@ -47,11 +47,11 @@ from grasp_jax import files
 from grasp_jax import partition as partition_lib
 from grasp_jax.data import pipeline
 from grasp_jax.evaluation import blocks
-from grasp_jax.evaluation import classifier
 from grasp_jax.evaluation import downstream
 from grasp_jax.evaluation import evaluator
 from grasp_jax.evaluation import inception
 from grasp_jax.evaluation import metrics
+from grasp_jax.evaluation import networks
 from grasp_jax.evaluation import plots
 from grasp_jax.inference import generate
 
@@ -85,8 +85,8 @@ def _take(role, classes, lo=None, hi=None):
 
 def classifier_model(num_classes, image_size):
   """The downstream network: the CPU-sized DenseNet up to 64 px, DenseNet-121 above."""
-  arch = classifier.TINY if image_size <= 64 else classifier.DENSENET121
-  return classifier.densenet(num_classes, **arch), arch
+  arch = networks.TINY if image_size <= 64 else networks.DENSENET121
+  return networks.densenet(num_classes, **arch), arch
 
 
 def _cache_dir(config, workdir):
