@@ -25,6 +25,7 @@ from grasp_jax.inference import generate
 from grasp_jax import partition as partition_lib
 from grasp_jax.data import pipeline
 from grasp_jax.diffusion import schedules
+from grasp_jax.evaluation import blocks
 from grasp_jax.evaluation import classifier
 from grasp_jax.evaluation import compare
 from grasp_jax.evaluation import evaluator
@@ -365,3 +366,25 @@ def test_second_evaluation_keeps_earlier_results_and_cached_evaluator(run):
   assert_close(entry["fd"]["value"], metrics.fid(extractor(real), extractor(fake)))
   assert results["inception"]["features"]["weights_sha1"] == inception.INCEPTION_SHA1
   assert "downstream" not in results and list(results["domain"]["classes"]) == ["Trouser"]
+
+
+def test_frequency_groups_are_the_datas_whatever_the_runs_partition():
+  """Runs of different methods on one dataset are compared on the same classes: the study's
+  shared adapter (K = 1) once got other head / medium groups than GRASP's."""
+  names = tuple("abcdefghij")
+  counts = [1000, 585, 342, 200, 117, 68, 40, 23, 14, 8]
+  # By hand: 'a' (healthy) apart, the nine others in thirds by count.
+  expected = {"frequency/healthy": [0], "frequency/head": [1, 2, 3],
+              "frequency/medium": [4, 5, 6], "frequency/tail": [7, 8, 9]}
+  for strategy, k in (("healthy+frequency", 4), ("single", 1), ("class", 10),
+                      ("healthy+random", 4), ("frequency", 2)):
+    part = partition_lib.build_partition(names, counts, strategy=strategy, k=k, healthy="a")
+    groups = blocks.eval_groups(part, "a")
+    assert {g: sorted(m) for g, m in groups.items() if g.startswith("frequency/")} == expected
+    assert sorted(g for g in groups if g.startswith("cluster/")) == sorted(
+        f"cluster/{n}" for n in part.cluster_names)
+  # No healthy class in the data: terciles of every class.
+  part = partition_lib.build_partition(names[1:], counts[1:], strategy="single", k=1)
+  groups = blocks.eval_groups(part, "No Finding")
+  assert [sorted(groups[f"frequency/{g}"]) for g in ("head", "medium", "tail")] == [
+      [0, 1, 2], [3, 4, 5], [6, 7, 8]]

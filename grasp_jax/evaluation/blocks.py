@@ -1,12 +1,12 @@
 """Evaluation blocks: metrics per class, per group and overall, from arrays (images, features,
 predictions, labels) and the partition's groups; the CLU scalars and plots of one evaluation.
 
-Groups (`eval_groups`): `cluster/<name>` for every partition cluster, and `frequency/<name>`:
-the partition's own clusters when they are frequency groups (head/medium*/tail/healthy), else
-head/medium/tail terciles of the classes by training count (the `frequency` strategy, k=3).
+Groups (`eval_groups`): `cluster/<name>` for every partition cluster, and `frequency/<name>`,
+which depend on the data alone, not on the run's partition, so that runs of different methods on
+one dataset are compared on the same classes: the healthy class apart (when it is a class), the
+others in head/medium/tail by training count (terciles, or the partition config's thresholds).
 """
 import math
-import re
 
 import numpy as np
 
@@ -16,18 +16,21 @@ from grasp_jax.evaluation import metrics
 from grasp_jax.evaluation import plots
 
 SCALAR_METRICS = ("fd", "kid", "precision", "recall", "density", "coverage")
-_FREQUENCY_NAMES = re.compile(r"head|medium(_\d+)?|tail|healthy")
 
 
-def eval_groups(part):
-  """{'cluster/<name>': class indices, 'frequency/<name>': class indices} (module docstring)."""
+def eval_groups(part, healthy, thresholds=None):
+  """{'cluster/<name>': class indices, 'frequency/<name>': class indices} (module docstring).
+
+  healthy: the healthy class's name (apart when it is one of the classes); thresholds: the
+  frequency boundaries (config.partition.thresholds), or None for terciles.
+  """
   groups = {f"cluster/{name}": [i for i, c in enumerate(part.class_to_cluster) if c == k]
             for k, name in enumerate(part.cluster_names)}
-  if all(_FREQUENCY_NAMES.fullmatch(n) for n in part.cluster_names):
-    freq = part
-  else:
-    freq = partition_lib.build_partition(part.class_names, part.class_counts,
-                                         strategy="frequency", k=min(3, part.num_classes))
+  apart = int(healthy in part.class_names and part.num_classes > 1)
+  freq = partition_lib.build_partition(
+      part.class_names, part.class_counts, strategy="healthy+frequency" if apart else "frequency",
+      k=None if thresholds else min(3, part.num_classes - apart) + apart, thresholds=thresholds,
+      healthy=healthy)
   for k, name in enumerate(freq.cluster_names):
     groups[f"frequency/{name}"] = [i for i, c in enumerate(freq.class_to_cluster) if c == k]
   return groups

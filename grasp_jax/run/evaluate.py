@@ -25,7 +25,8 @@ replicates) with its N and its real-twin floor:
   ms_ssim     intra-class mean pairwise MS-SSIM of samples and reference (point values)
   downstream  grasp_jax.evaluation.downstream's five classifiers (eval.downstream)
 
-Groups (`blocks.eval_groups`): `cluster/<name>` per partition cluster and `frequency/<name>`.
+Groups (`experiment.eval_groups`): `cluster/<name>` per partition cluster and `frequency/<name>`
+(fixed by the data, the same for every method).
 Outputs: WORKDIR/results.json ({step: results}, merged), WORKDIR/eval/step_<n>/features.npz
 (the samples' evaluator features, labels, predictions and nearest-training distances) and
 WORKDIR/eval/reference_<key>.npz (the same for the reference) for paired comparisons
@@ -54,6 +55,7 @@ from grasp_jax.evaluation import metrics
 from grasp_jax.evaluation import networks
 from grasp_jax.evaluation import plots
 from grasp_jax.inference import generate
+from grasp_jax.task import experiment
 
 
 def load_records(builder, split, indices, image_size, channels):
@@ -236,7 +238,7 @@ def evaluate(exp, params, extra, workdir, writer, step, *, rng, mesh=None, sampl
   """
   c = exp.config
   names = exp.partition.class_names
-  groups = blocks.eval_groups(exp.partition)
+  groups = experiment.eval_groups(exp)
   n_boot = int(c.eval.n_boot)
   start = time.perf_counter()
   fake, fake_y = _samples(exp, params, extra, rng, mesh, samples, per_class or c.sample.per_class)

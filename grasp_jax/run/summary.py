@@ -12,9 +12,9 @@ import jax
 import numpy as np
 
 from grasp_jax import files
-from grasp_jax.evaluation import blocks
 from grasp_jax.evaluation import plots
 from grasp_jax.inference import generate
+from grasp_jax.task import experiment
 from grasp_jax.trainer import loop
 
 TAIL = "frequency/tail"
@@ -30,7 +30,7 @@ def zero_step_params(exp, mesh):
 def before_after_grid(exp, trained, workdir, *, mesh, per_class=8):
   """Writes WORKDIR/plots/before_after_tail.png; returns its path."""
   names = exp.partition.class_names
-  tail = blocks.eval_groups(exp.partition)[TAIL]
+  tail = experiment.eval_groups(exp)[TAIL]
   labels = np.repeat(np.asarray(tail, np.int64), per_class)
   rng = jax.random.key(exp.config.seed + 7)
   rows = []

@@ -24,6 +24,7 @@ from grasp_jax.data import pipeline
 from grasp_jax.data import precompute
 from grasp_jax.data.builders import class_prompts
 from grasp_jax.diffusion import objectives
+from grasp_jax.evaluation import blocks
 from grasp_jax.inference import conditioning
 from grasp_jax.inference import latents
 from grasp_jax.inference import model
@@ -59,6 +60,17 @@ def prepare_data(config):
   return builder
 
 
+def partition_thresholds(p):
+  """config.partition.thresholds as ints ('100,20' -> (100, 20)); None when unset (quantiles)."""
+  return tuple(int(t) for t in p.thresholds.split(",")) if p.thresholds else None
+
+
+def eval_groups(exp):
+  """The evaluation groups of `exp` (grasp_jax.evaluation.blocks.eval_groups)."""
+  p = exp.config.partition
+  return blocks.eval_groups(exp.partition, p.healthy, partition_thresholds(p))
+
+
 def load_or_build_partition(config, workdir, builder):
   """WORKDIR/partition.json is the one source of cluster ids; built once from the train split."""
   path = os.path.join(workdir, "partition.json")
@@ -75,7 +87,7 @@ def load_or_build_partition(config, workdir, builder):
                      "base model before the run (grasp_jax.main does it; or `python -m "
                      "grasp_jax.partition --strategy=gradient --config=... --workdir=... "
                      f"--out={path}`)")
-  thresholds = tuple(int(t) for t in p.thresholds.split(",")) if p.thresholds else None
+  thresholds = partition_thresholds(p)
   part = partition_lib.build_partition(
       class_names, class_counts, strategy=p.strategy,
       k=None if thresholds else p.k, thresholds=thresholds,
