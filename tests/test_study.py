@@ -151,6 +151,19 @@ def test_study_smoke_end_to_end(tmp_path, monkeypatch):
   seed0 = w / "dit" / "target_small" / "grasp" / "seed0"
   with pytest.raises(RuntimeError, match=f"redo {s.runs.dit.grasp.sample.steps} in {seed0}"):
     study.run_one(s, str(w), str(ledger), "dit", "target_small", "grasp", 0, "", lrs)
+  # So are groups recorded under another grouping rule (a code change config_sha cannot see;
+  # the rule that took the shared adapter's one cluster for its frequency groups).
+  for root in (ledger, w):
+    path = root / "dit" / "target_small" / "shared" / "seed0" / "study_run.json"
+    r = json.loads(path.read_text())
+    meta = r["results"][str(r["steps_evaluated"][-1])]["meta"]
+    meta["groups"]["frequency/head"] = meta["class_names"]
+    path.write_text(json.dumps(r))
+  kept = {(r["target"], r["run"]) for r in study.collect(s, str(ledger))}
+  assert ("target_small", "shared") not in kept and ("target_copy", "shared") in kept
+  with pytest.raises(RuntimeError, match="redo"):
+    study.run_one(s, str(w), str(ledger), "dit", "target_small", "shared", 0, "", lrs)
+  assert not (ledger / "dit" / "target_small" / "shared" / "seed0").exists()
   moved = w / "superseded" / "dit" / "target_small" / "grasp" / "seed0.1"
   assert (moved / "study_run.json").exists() and not (seed0 / "study_run.json").exists()
   assert not (ledger / "dit" / "target_small" / "grasp" / "seed0").exists()

@@ -171,7 +171,8 @@ def run_one(study, workdir, ledger, backbone, target, run, seed, base, lrs):
   in the ledger; returns its record.
 
   A finished run whose config differs from the one the study would run now (another evaluator,
-  budget, sampler, ...) is stale: its ledger entry is removed (git history keeps it), its
+  budget, sampler, ...), or whose evaluation groups differ from those the code computes now
+  (`_groups_current`), is stale: its ledger entry is removed (git history keeps it), its
   WORKDIR folder moves to WORKDIR/superseded/, and the run is redone.
   """
   from grasp_jax.run import stages  # pylint: disable=g-import-not-at-top
@@ -183,7 +184,8 @@ def run_one(study, workdir, ledger, backbone, target, run, seed, base, lrs):
   sha = config_sha(config)
   for folder in (kept, run_dir):  # A run finished in WORKDIR but not yet kept is kept now.
     record = _record(folder)
-    if record is not None and record.get("config_sha") == sha:
+    if record is not None and record.get("config_sha") == sha and _groups_current(
+        study, record, folder):
       if folder == run_dir:
         keep(run_dir, kept, record)
       return record
@@ -209,6 +211,26 @@ def run_one(study, workdir, ledger, backbone, target, run, seed, base, lrs):
 
 
 RECORD = "study_run.json"
+
+
+def _groups_current(study, record, folder):
+  """Whether the run's recorded `frequency/*` groups are those the evaluation code computes now
+  from its partition's class counts: a change of the grouping rule is a code change that
+  config_sha cannot see (session 10's fix regrouped the shared adapter's classes)."""
+  from grasp_jax.evaluation import blocks  # pylint: disable=g-import-not-at-top
+  from grasp_jax import partition as partition_lib  # pylint: disable=g-import-not-at-top
+  from grasp_jax.task import experiment  # pylint: disable=g-import-not-at-top
+  path = os.path.join(folder, "partition.json")
+  if not os.path.exists(path):
+    return False
+  part = partition_lib.Partition.load(path)
+  p = study.runs[record["backbone"]][record["run"]].partition
+  want = blocks.eval_groups(part, study.healthy[record["target"]],
+                            experiment.partition_thresholds(p))
+  want = {g: [part.class_names[i] for i in m] for g, m in want.items()
+          if g.startswith("frequency/")}
+  meta = record["results"][str(record["steps_evaluated"][-1])]["meta"]
+  return want == {g: m for g, m in meta["groups"].items() if g.startswith("frequency/")}
 
 
 def _record(folder):
@@ -303,7 +325,8 @@ def collect(study, ledger):
     r = files.read_json(path)
     current = r["run"] in study.runs.get(r["backbone"], {}) and r["target"] in study.targets
     if current and r.get("config_sha") == config_sha(run_config(
-        study, "", r["backbone"], r["target"], r["run"], r["seed"], "", r["lr"])):
+        study, "", r["backbone"], r["target"], r["run"], r["seed"], "", r["lr"])) and (
+            _groups_current(study, r, os.path.dirname(path))):
       out.append(r)
     else:
       stale.append(os.path.dirname(path))
