@@ -30,6 +30,9 @@ FFN_PATHS = ("ff_context/net_0/proj/kernel", "ff_context/net_2/kernel",
 PART = partition_lib.Partition(class_names=("a", "b", "c", "d", "e"),
                                class_to_cluster=(0, 0, 1, 1, 1),
                                cluster_names=("head", "tail"), class_counts=(90, 40, 9, 5, 2))
+# The diagnostics' head and tail classes are handed in (the data's frequency groups), not read
+# from the partition's clusters: chosen here unlike PART's.
+HEAD_TAIL = ([0], [3, 4])
 
 
 class Block(nn.Module):
@@ -238,8 +241,8 @@ def _hand_matrix():
 
 def test_head_tail_and_group_alignment_by_hand():
   m = _hand_matrix()
-  # PART: head = {a, b}, tail = {c, d, e}; (b, e) is NaN and skipped.
-  assert gradient_conflict.head_tail_cosine(m, PART) == pytest.approx(
+  # head = {a, b}, tail = {c, d, e}; (b, e) is NaN and skipped.
+  assert gradient_conflict.head_tail_cosine(m, ([0, 1], [2, 3, 4])) == pytest.approx(
       np.mean([0.1, -0.2, 0.3, 0.0, -0.4]))
   assert gradient_conflict.head_tail_cosine({"x": m, "y": -m}, ([0], [2, 3])) == pytest.approx(
       {"x": np.mean([0.1, -0.2]), "y": -np.mean([0.1, -0.2])})
@@ -253,17 +256,6 @@ def test_head_tail_and_group_alignment_by_hand():
   assert al["inter"] == pytest.approx(np.mean([0.1, -0.2, 0.5, 0.7]))
   al = gradient_conflict.group_alignment(m, [[0, 4], [2, 3], [1]])
   assert np.isnan(al["intra"][2])
-
-
-def test_head_tail_classes_without_frequency_clusters():
-  part = partition_lib.Partition(
-      class_names=tuple("abcdefg"), class_to_cluster=(0, 1, 2, 0, 1, 2, 0),
-      cluster_names=("x", "y", "z"), class_counts=(5, 70, 3, 70, 1, 9, 30))
-  head, tail = gradient_conflict.head_tail_classes(part)  # Top / bottom third (2 of 7 classes).
-  np.testing.assert_array_equal(head, [1, 3])
-  np.testing.assert_array_equal(tail, [2, 4])
-  np.testing.assert_array_equal(partition_lib.head_to_tail(part.class_counts),
-                                [1, 3, 6, 5, 0, 2, 4])
 
 
 def test_heatmap_image_is_rgb():
@@ -300,20 +292,22 @@ def test_run_diagnostics_exact_over_batches_and_summaries(setup):
   batches = [_batch(10, [0, 0, 0, 1, 1, 2, 0, 3]), _batch(11, [4, 0, 1, 1, 2, 2, 2, 0])]
   rng = jax.random.key(7)
   writer = writers.MemoryWriter()
-  out = gradient_conflict.run_diagnostics(FakeExp(), s["params"], {}, batches, rng, writer, 3)
+  out = gradient_conflict.run_diagnostics(FakeExp(), s["params"], {}, batches, rng, writer, 3,
+                                           HEAD_TAIL)
   json.dumps(out, allow_nan=False)  # JSON-able, NaN mapped to None.
   want = _exact_cos_over_batches(s["params"], batches, rng, "label", C)
   np.testing.assert_allclose(np.array(out["class_cos"]["all"], float), want, atol=1e-4)
   want_k = _exact_cos_over_batches(s["params"], batches, rng, "cluster_id", K)
   np.testing.assert_allclose(np.array(out["cluster_cos"]["all"], float), want_k, atol=1e-4)
   assert out["class_counts"] == [6, 4, 4, 1, 1] and out["cluster_counts"] == [10, 6]
-  assert out["head_classes"] == ["a", "b"] and out["tail_classes"] == ["c", "d", "e"]
-  head_tail = np.mean([want[i, j] for i in (0, 1) for j in (2, 3, 4)])
+  assert out["head_classes"] == ["a"] and out["tail_classes"] == ["d", "e"]
+  head_tail = np.mean([want[0, j] for j in (3, 4)])
   assert out["head_tail"]["all"] == pytest.approx(head_tail, abs=1e-4)
   scalars = writer.scalars[3]
   assert scalars["grad_cos/head_tail/all"] == pytest.approx(head_tail, abs=1e-4)
   assert scalars["grad_cos/intra/head"] == pytest.approx(want[0, 1], abs=1e-4)
-  assert scalars["grad_cos/inter"] == pytest.approx(head_tail, abs=1e-4)
+  inter = np.mean([want[i, j] for i in (0, 1) for j in (2, 3, 4)])  # PART's two clusters.
+  assert scalars["grad_cos/inter"] == pytest.approx(inter, abs=1e-4)
   assert {f"grad_cos/head_tail/{p}" for p in FFN_PATHS} <= set(scalars)
   for name in ("grad_cos/classes", "grad_cos/clusters"):
     img = writer.images[3][name]
@@ -327,10 +321,12 @@ def test_run_diagnostics_sharded_batches_and_clu_writer(setup, tmp_path):
   mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   batches = [_batch(12, [0, 1, 2, 3, 0, 1, 2, 3]), _batch(13, [0, 0, 1, 1, 2, 2, 3, 4])]
   rng = jax.random.key(8)
-  plain = gradient_conflict.run_diagnostics(FakeExp(), s["params"], {}, batches, rng, writers.MemoryWriter(), 1)
+  plain = gradient_conflict.run_diagnostics(FakeExp(), s["params"], {}, batches, rng,
+                                             writers.MemoryWriter(), 1, HEAD_TAIL)
   sharded = [jax.device_put(b, NamedSharding(mesh, P("data"))) for b in batches]
   writer = metric_writers.create_default_writer(str(tmp_path), asynchronous=False)
-  out = gradient_conflict.run_diagnostics(FakeExp(), s["params"], {}, sharded, rng, writer, 1)
+  out = gradient_conflict.run_diagnostics(FakeExp(), s["params"], {}, sharded, rng, writer, 1,
+                                         HEAD_TAIL)
   writer.flush()
   np.testing.assert_allclose(np.array(out["class_cos"]["all"], float),
                              np.array(plain["class_cos"]["all"], float), atol=1e-5)

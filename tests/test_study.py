@@ -79,6 +79,35 @@ def test_irs_verdict_is_unpaired_and_needs_two_seeds():
   assert report._unpaired(a, {"results": {"10": {}}}, "irs", "all") is None
 
 
+def test_report_head_tail_cosine_is_over_the_datas_frequency_groups(tmp_path):
+  """The report's head-vs-tail cosine is the mean over the record's frequency/head x
+  frequency/tail block of the stored class-cosine matrix, whatever head and tail the run's
+  diagnostics took (a K = 1 run's used to include the healthy class); NaN pairs are skipped."""
+  names = ["a", "b", "c", "d", "e"]
+  cos = np.array([[1, .8, .1, -.2, .3], [.8, 1, 0, -.4, np.nan], [.1, 0, 1, .6, .5],
+                  [-.2, -.4, .6, 1, .7], [.3, np.nan, .5, .7, 1]])
+  groups = {"frequency/healthy": ["a"], "frequency/head": ["b", "c"],
+            "frequency/tail": ["d", "e"]}
+  records = []
+  for seed, sign in ((0, 1), (1, -1)):
+    r = {"backbone": "dit", "target": "t", "run": "shared", "seed": seed, "steps": 9,
+         "results": {"9": {"meta": {"groups": groups}}}}
+    path = tmp_path / "dit" / "t" / "shared" / f"seed{seed}" / "diagnostics" / "step_9.json"
+    path.parent.mkdir(parents=True)
+    m = sign * cos
+    path.write_text(json.dumps(
+        {"class_names": names, "head_classes": ["a", "b"], "tail_classes": ["e"],
+         "head_tail": {"all": 9.0}, "intra_pooled": 0.5, "inter": None,
+         "class_cos": {"all": np.where(np.isnan(m), None, m).tolist()}}))
+    records.append(r)
+  out = report.diagnostics(records[:1], str(tmp_path))
+  assert out["head_tail_cosine"] == pytest.approx(np.mean([-.4, .6, .5]))
+  assert (out["head_classes"], out["tail_classes"]) == (["b", "c"], ["d", "e"])
+  both = report.diagnostics(records, str(tmp_path))
+  assert both["seeds"] == 2 and both["head_tail_cosine"] == pytest.approx(0)
+  assert both["inter"] is None and both["intra_pooled"] == 0.5
+
+
 def test_study_smoke_end_to_end(tmp_path, monkeypatch):
   """Three runs on the smoke study through the CLI: sweep, ledger, study.json, the report; a
   fresh workdir continues from the ledger; a replicating target; runs made stale by a changed

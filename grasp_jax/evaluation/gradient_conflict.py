@@ -212,19 +212,6 @@ def cosine_matrix(grads):
   return out
 
 
-def head_tail_classes(partition, fraction=1 / 3):
-  """(head, tail) class indices: the partition's 'head' and 'tail' clusters when it has both
-  (frequency strategies), else the most / least frequent `fraction` of the classes."""
-  names = partition.cluster_names
-  if "head" in names and "tail" in names:
-    table = np.asarray(partition.class_to_cluster)
-    return (np.flatnonzero(table == names.index("head")),
-            np.flatnonzero(table == names.index("tail")))
-  order = partition_lib.head_to_tail(partition.class_counts)
-  n = max(1, int(len(order) * fraction))
-  return np.sort(order[:n]), np.sort(order[-n:])
-
-
 def _pair_mean(cos, mask):
   """Mean of the finite entries of `cos` where `mask`; NaN when there is none."""
   cos = np.asarray(cos, np.float64)
@@ -236,9 +223,9 @@ def head_tail_cosine(cos, groups):
   """Mean cosine between head and tail classes (absent classes skipped).
 
   cos: a [C, C] matrix, or {layer: [C, C]} (then a {layer: mean} dict is returned).
-  groups: a `Partition` (head/tail from `head_tail_classes`) or (head indices, tail indices).
+  groups: (head class indices, tail class indices).
   """
-  head, tail = head_tail_classes(groups) if hasattr(groups, "class_to_cluster") else groups
+  head, tail = groups
   if isinstance(cos, dict):
     return {k: head_tail_cosine(v, (head, tail)) for k, v in cos.items()}
   c = np.shape(cos)[0]
@@ -307,14 +294,15 @@ def heatmap_image(cos, names, title=None):
   return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
 
 
-def summarize(class_cos, cluster_cos, class_counts, cluster_counts, partition):
+def summarize(class_cos, cluster_cos, class_counts, cluster_counts, partition, head_tail):
   """The diagnostics of one evaluation from the cosine matrices (host numpy; small).
 
-  class_cos / cluster_cos: {layer or ALL: [C, C] / [K, K]}; *_counts: held-out samples per group.
+  class_cos / cluster_cos: {layer or ALL: [C, C] / [K, K]}; *_counts: held-out samples per group;
+  head_tail: (head, tail) class indices.
   """
   class_cos = {k: np.asarray(v) for k, v in class_cos.items()}
   cluster_cos = {k: np.asarray(v) for k, v in cluster_cos.items()}
-  head, tail = head_tail_classes(partition)
+  head, tail = head_tail
   align = group_alignment(class_cos[ALL], partition)
   return {
       "class_names": list(partition.class_names),
@@ -375,7 +363,7 @@ def _cosines(sums, counts):
   return {n: cosine_matrix(group_means(sums[n], counts[n])) for n in sums}
 
 
-def run_diagnostics(exp, params, extra, batches, rng, writer, step, *,
+def run_diagnostics(exp, params, extra, batches, rng, writer, step, head_tail, *,
                     param_filter=FFN_KERNELS):
   """Gradient-conflict diagnostics of `exp.loss_fn` on held-out `batches`, written to `writer`.
 
@@ -383,7 +371,9 @@ def run_diagnostics(exp, params, extra, batches, rng, writer, step, *,
   class means are exact over all of them), then turned into cosine matrices and summaries.
   exp: has `loss_fn` and `partition`; params: the full parameter tree (frozen base merged with
   the trainables); batches: an iterable of device batches with 'label' and 'cluster_id'; rng: a
-  key, folded with the batch index. Returns the JSON-able results of `write_summaries`.
+  key, folded with the batch index; head_tail: (head, tail) class indices, the data's frequency
+  groups whatever the run's partition (so that runs of different methods are compared on the
+  same classes). Returns the JSON-able results of `write_summaries`.
   One compile per (loss_fn, shapes); later calls reuse it.
   """
   part = exp.partition
@@ -398,5 +388,6 @@ def run_diagnostics(exp, params, extra, batches, rng, writer, step, *,
   sums, counts = acc
   # process_allgather: plain numpy on every host, whatever sharding XLA gave the small outputs.
   cos, counts = multihost_utils.process_allgather((_cosines(sums, counts), counts), tiled=True)
-  results = summarize(cos["class"], cos["cluster"], counts["class"], counts["cluster"], part)
+  results = summarize(cos["class"], cos["cluster"], counts["class"], counts["cluster"], part,
+                      head_tail)
   return write_summaries(writer, step, results)

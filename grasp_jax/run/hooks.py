@@ -8,6 +8,7 @@ from grasp_jax.evaluation import gradient_conflict
 from grasp_jax.inference import generate
 from grasp_jax.models import trainable as trainable_lib
 from grasp_jax.run import evaluate as evaluate_lib
+from grasp_jax.task import experiment
 
 
 def sampling_params(trainer, use_ema=True):
@@ -21,9 +22,11 @@ def sampling_params(trainer, use_ema=True):
 def diagnose(exp, trainer, writer, step, batches):
   """Gradient-conflict diagnostics of the trainer's current parameters on held-out `batches`
   -> TensorBoard and WORKDIR/diagnostics/step_<n>.json; returns the result."""
+  groups = experiment.eval_groups(exp)
   result = gradient_conflict.run_diagnostics(
       exp, trainable_lib.merge(trainer.state.params, trainer.frozen), trainer.state.extra,
-      batches, jax.random.key(exp.config.seed + 1), writer, step)
+      batches, jax.random.key(exp.config.seed + 1), writer, step,
+      (groups["frequency/head"], groups["frequency/tail"]))
   if jax.process_index() == 0:
     files.write_json(os.path.join(exp.workdir, "diagnostics", f"step_{step}.json"), result,
                      indent=2)

@@ -23,6 +23,7 @@ import PIL.Image
 
 from grasp_jax import files
 from grasp_jax.evaluation import compare
+from grasp_jax.evaluation import gradient_conflict
 from grasp_jax.evaluation import intervals
 from grasp_jax.evaluation import plots
 from grasp_jax.inference import generate
@@ -98,22 +99,32 @@ def early(records):
 
 def diagnostics(records, ledger):
   """Mean over seeds of the final gradient-conflict diagnostics (LEDGER/.../diagnostics/
-  step_<final>.json): head-vs-tail class cosine of the FFN-kernel gradients on held-out batches,
-  within- and between-cluster cosine; None when the runs have none."""
+  step_<final>.json): the head-vs-tail class cosine of the FFN-kernel gradients on held-out
+  batches, over the data's frequency/head and frequency/tail classes (the record's evaluation
+  groups; recomputed from the stored class-cosine matrix, so runs recorded when the head and
+  tail came from the run's partition are compared on the same classes too), and the within- and
+  between-cluster cosine of the run's partition; None when the runs have none."""
   found = []
   for r in records:
     path = os.path.join(_dir(ledger, r), "diagnostics", f"step_{r['steps']}.json")
-    if os.path.exists(path):
-      found.append(files.read_json(path))
+    if not os.path.exists(path):
+      continue
+    d = files.read_json(path)
+    groups = _final(r)["meta"]["groups"]
+    head, tail = ([d["class_names"].index(c) for c in groups[f"frequency/{g}"]]
+                  for g in ("head", "tail"))
+    cos = np.array(d["class_cos"][gradient_conflict.ALL], float)  # JSON null (NaN) -> nan.
+    found.append({**d, "head_tail_cosine": gradient_conflict.head_tail_cosine(cos, (head, tail)),
+                  "head_classes": groups["frequency/head"],
+                  "tail_classes": groups["frequency/tail"]})
   if not found:
     return None
   def mean(key):  # None where no seed defines it (K = 1 has no between-cluster pairs).
     values = [d[key] for d in found if d.get(key) is not None]
     return float(np.mean(values)) if values else None
-  return {"seeds": len(found), "head_tail_cosine": float(np.mean(
-      [d["head_tail"]["all"] for d in found])), "intra_pooled": mean("intra_pooled"),
-          "inter": mean("inter"), "head_classes": found[0]["head_classes"],
-          "tail_classes": found[0]["tail_classes"]}
+  return {"seeds": len(found), "head_tail_cosine": mean("head_tail_cosine"),
+          "intra_pooled": mean("intra_pooled"), "inter": mean("inter"),
+          "head_classes": found[0]["head_classes"], "tail_classes": found[0]["tail_classes"]}
 
 
 def aggregate(records, study, ledger, target=None):
