@@ -118,10 +118,12 @@ def test_study_smoke_end_to_end(tmp_path, monkeypatch):
          f"--out={out}", f"--doc={doc}", "--runs=base,grasp,shared",
          "--config=configs/study.py:smoke,seeds=1"]
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=2400)
-  # A fatal signal's Python stacks come before a long list of extension modules: show them.
+  (tmp_path / "study.stderr").write_text(proc.stderr)
+  # An abort's cause (a C++ CHECK or LOG(FATAL) line) comes just before the Python stacks, and
+  # those before a long list of extension modules: show both.
   fatal = proc.stderr.find("Fatal Python error")
-  assert proc.returncode == 0, proc.stderr[fatal:fatal + 6000] if fatal >= 0 else \
-      proc.stderr[-3000:]
+  assert proc.returncode == 0, proc.stderr[max(0, fatal - 3000):fatal + 4000] if fatal >= 0 \
+      else proc.stderr[-3000:]
   data = json.loads(out.read_text())
   runs = data["runs"]["dit"]
   assert set(runs) == {"base", "grasp", "shared"}
