@@ -9,7 +9,7 @@ Setting: configs/demo.py's. One base per backbone is pretrained on the balanced 
 classes, the class -> count assignment drawn by a seeded permutation) at natural frequency.
 Runs (RUNS): the zero-step base, full fine-tuning, GRASP, the shared adapter (K = 1) at GRASP's
 rank and at GRASP's total parameters, GRASP with K = C, a random partition, the gradient-
-alignment partition, LoRA, learned-gating MoE, CBDM, CORAL, self-guided minority sampling on
+alignment partition, LoRA (at K x GRASP's rank and at GRASP's parameters), learned-gating MoE, CBDM, CORAL, self-guided minority sampling on
 GRASP and on full fine-tuning, and cluster-balanced sampling for full and GRASP. Equal steps and
 batch; the learning rate of every method family from a sweep (LR_GRID) on the target's validation
 split; `seeds` seeds for the headline runs (SEEDED), one for the rest. Every run on the
@@ -40,7 +40,11 @@ RUNS = {
     "grasp_kc": ("grasp", {"partition.strategy": "class", "partition.k": NUM_CLASSES}),
     "shared_matched": ("grasp", {"partition.strategy": "single", "partition.k": 1,
                                  "method.rank": RANK * K}),
+    # LoRA on every attention projection and FFN linear (the usual LoRA sites): at rank K x RANK
+    # it trains 540,672 parameters, 8.8x GRASP's 61,152; rank 4 (67,584) is the nearest match
+    # (tests/test_study.py counts them).
     "lora": ("lora", {"method.rank": RANK * K}),
+    "lora_matched": ("lora", {"method.rank": 4}),
     "moe": ("moe", {}),
     "cbdm": ("full", {"diffusion.cbdm_weight": 1.0}),
     "coral": ("full", {"diffusion.coral_weight": 0.5}),

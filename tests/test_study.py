@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -43,6 +44,22 @@ def test_every_run_is_a_valid_config_with_its_controls():
   assert runs["grasp_random"].partition.strategy == "healthy+random"
   assert runs["cbdm"].method.name == "full" and runs["cbdm"].diffusion.cbdm_weight > 0
   assert runs["grasp_minority"].sample.minority_guidance > 0
+
+
+def test_matched_runs_train_about_grasps_parameter_count():
+  """Counted on the abstract model (no weights): 'matched' runs are within 15% of GRASP's
+  trainable parameters, the rank-32 LoRA far above, the shared adapter a K-th."""
+  from grasp_jax.run import dry_run  # pylint: disable=g-import-not-at-top
+  s = study_config.get_config()
+  mesh = jax.make_mesh((1, 1), ("data", "fsdp"))
+  def count(run):
+    c = s.runs["dit"][run]
+    exp = dry_run.abstract_experiment(c)
+    return dry_run.count(dry_run.abstract_state(exp, c, mesh)[0].params)
+  grasp = count("grasp")
+  for run in ("shared_matched", "lora_matched", "moe"):
+    assert abs(count(run) / grasp - 1) < 0.15, run
+  assert count("lora") > 5 * grasp and count("shared") * study_config.K == grasp
 
 
 def test_a_run_dir_ever_run_under_another_config_is_stale(tmp_path):

@@ -276,8 +276,8 @@ def summary(data, study):
   return lines
 
 
-SUMMARY_RUNS = ("base", "full", "shared", "shared_matched", "lora", "grasp_random", "grasp_kc",
-                "grasp_gradient")
+SUMMARY_RUNS = ("base", "full", "shared", "shared_matched", "lora", "lora_matched",
+                "grasp_random", "grasp_kc", "grasp_gradient")
 
 
 def _names(metrics):
