@@ -92,36 +92,49 @@ def validation_loss(exp, trainer):
     return float(np.mean([loss(params, b, jax.random.key(i)) for i, b in enumerate(batches)]))
 
 
+def sweep_config(study, backbone, fam, base, lr):
+  """The config of one sweep run: the family's plain run on the headline target, `lr`,
+  `sweep_steps` steps, its loss measured on the validation split."""
+  config = _representative(study, backbone, fam).copy_and_resolve_references()
+  with config.unlocked():
+    config.model.pretrained = base
+    config.data.config = study.targets[0]
+    config.partition.healthy = study.healthy[study.targets[0]]
+    config.data.eval_split = "val"
+    config.optim.learning_rate = float(lr)
+    config.train.steps = int(study.sweep_steps)
+    config.train.checkpoint_every = config.train.steps
+    config.eval.every = config.train.sample_every = config.train.diagnostics_every = 0
+  return config
+
+
+def sweep_sha(study, backbone, fam):
+  """The config hash a family's sweep is valid under (its sweep config, the rate aside)."""
+  return config_sha(sweep_config(study, backbone, fam, "", 0.0))
+
+
 def sweep(study, workdir, ledger, backbone, base, families):
-  """{family: {"lr": chosen, "steps": sweep_steps, "losses": {lr: loss}}} of `families`:
-  LEDGER/<backbone>/sweep.json, resumable; a family swept at another `sweep_steps` is redone,
-  and a rate's run dir made under another config is superseded (`supersede`) first."""
+  """{family: {"lr": chosen, "steps": sweep_steps, "config_sha", "losses": {lr: loss}}} of
+  `families`: LEDGER/<backbone>/sweep.json, resumable; a family swept under another config (its
+  run, `sweep_steps`) is redone, and a rate's run dir made under another config is superseded
+  (`supersede`) first."""
   from grasp_jax.task import experiment  # pylint: disable=g-import-not-at-top
   from grasp_jax.trainer import loop  # pylint: disable=g-import-not-at-top
   path = os.path.join(ledger, backbone, "sweep.json")
   done = files.read_json(path) if os.path.exists(path) else {}
   for fam in sorted(families):
     rates = study.lr_grid[fam]
-    entry = done.get(fam)
-    if entry is not None and entry.get("steps") != int(study.sweep_steps):
-      logging.warning("sweep %s %s: measured at %s steps, the study sweeps %d now: redone",
-                      backbone, fam, entry.get("steps"), study.sweep_steps)
+    entry, sha = done.get(fam), sweep_sha(study, backbone, fam)
+    if entry is not None and entry.get("config_sha") != sha:
+      logging.warning("sweep %s %s: measured under another config (run or steps): redone",
+                      backbone, fam)
       entry = None
     if entry is None:
-      entry = done[fam] = {"steps": int(study.sweep_steps), "losses": {}}
+      entry = done[fam] = {"steps": int(study.sweep_steps), "config_sha": sha, "losses": {}}
     for lr in rates:
       if str(lr) in entry["losses"]:
         continue
-      config = _representative(study, backbone, fam).copy_and_resolve_references()
-      with config.unlocked():
-        config.model.pretrained = base
-        config.data.config = study.targets[0]
-        config.partition.healthy = study.healthy[study.targets[0]]
-        config.data.eval_split = "val"
-        config.optim.learning_rate = float(lr)
-        config.train.steps = int(study.sweep_steps)
-        config.train.checkpoint_every = config.train.steps
-        config.eval.every = config.train.sample_every = config.train.diagnostics_every = 0
+      config = sweep_config(study, backbone, fam, base, lr)
       run_dir = os.path.join(workdir, backbone, "sweep", f"{fam}_lr{lr}")
       setup.validate_config(config)
       if _other_config(run_dir, config_sha(config)):
@@ -362,7 +375,7 @@ def main(argv):
     # Each family's rate is swept when its first run comes up (headline runs start sooner).
     fam = family(study.runs[backbone][run])
     swept = lrs.get(backbone, {}).get(fam, {})
-    if swept.get("steps") != int(study.sweep_steps) or any(
+    if swept.get("config_sha") != sweep_sha(study, backbone, fam) or any(
         str(lr) not in swept["losses"] for lr in study.lr_grid[fam]):
       with lock.hold(os.path.join(FLAGS.workdir, backbone)):
         lrs[backbone] = sweep(study, FLAGS.workdir, FLAGS.ledger, backbone, bases[backbone],
