@@ -259,11 +259,11 @@ def alignment(study, ledger):
 
 
 def summary(data, study):
-  """The report's generated summary: per backbone, `compare_to` against the headline controls
+  """The report's generated summary: per backbone, `compare_to` against every other run
   on the tail group, from the verdicts (which metrics it wins, loses, cannot tell)."""
   lines = []
   for backbone, table in data["runs"].items():
-    for run in [r for r in SUMMARY_RUNS if r in table and r != study.compare_to]:
+    for run in [r for r in study.run_order if r in table and r != study.compare_to]:
       vs = [v for v in data["verdicts"] if (v["backbone"], v["b"], v["group"]) ==
             (backbone, run, "frequency/tail")]
       if not vs:
@@ -276,10 +276,6 @@ def summary(data, study):
                    f"seed{'s' if seeds > 1 else ''}): better on {_names(by['better'])}; worse on "
                    f"{_names(by['worse'])}; cannot tell on {_names(by['inconclusive'])}.")
   return lines
-
-
-SUMMARY_RUNS = ("base", "full", "shared", "shared_matched", "lora", "lora_matched",
-                "grasp_random", "grasp_kc", "grasp_gradient")
 
 
 def _names(metrics):
