@@ -15,6 +15,7 @@ from configs import study as study_config
 from grasp_jax.run import report
 from grasp_jax.run import setup
 from grasp_jax.run import study
+from grasp_jax.run import study_configs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,13 +66,13 @@ def test_matched_runs_train_about_grasps_parameter_count():
 def test_a_run_dir_ever_run_under_another_config_is_stale(tmp_path):
   c = study_config.run_config("dit", "grasp", smoke=True)
   setup.write_config(c, str(tmp_path))
-  sha = study.config_sha(c)
+  sha = study_configs.config_sha(c)
   moved = c.copy_and_resolve_references()
   moved.model.pretrained, moved.eval.cache_dir = "/elsewhere/base", "/elsewhere/cache"
-  assert study.config_sha(moved) == sha and not study._other_config(str(tmp_path), sha)
+  assert study_configs.config_sha(moved) == sha and not study._other_config(str(tmp_path), sha)
   c.sample.steps += 1  # Rewritten (config.1.json keeps the old one), e.g. by a failed attempt.
   setup.write_config(c, str(tmp_path))
-  assert study._other_config(str(tmp_path), study.config_sha(c))
+  assert study._other_config(str(tmp_path), study_configs.config_sha(c))
 
 
 def test_combine_over_seeds_matches_the_formula():
@@ -185,8 +186,9 @@ def test_study_smoke_end_to_end(tmp_path, monkeypatch):
   s.healthy = {**s.healthy, "target_copy": s.healthy["target_small"]}
   for path in (ledger / "dit" / "target_copy").glob("*/seed*/study_run.json"):
     r = {**json.loads(path.read_text()), "target": "target_copy"}
-    config = study.run_config(s, str(w), "dit", "target_copy", r["run"], r["seed"], "", r["lr"])
-    path.write_text(json.dumps({**r, "config_sha": study.config_sha(config)}))
+    config = study_configs.run_config(s, str(w), "dit", "target_copy", r["run"], r["seed"], "",
+                                      r["lr"])
+    path.write_text(json.dumps({**r, "config_sha": study_configs.config_sha(config)}))
   report.write(study.collect(s, str(ledger)), s, str(ledger), str(out), str(doc))
   copy = json.loads(out.read_text())["replication"]["target_copy"]
   assert copy["runs"] == data["runs"] and copy["verdicts"] == data["verdicts"]
@@ -235,7 +237,7 @@ def test_study_smoke_end_to_end(tmp_path, monkeypatch):
   assert after["steps"] == s.sweep_steps and after["losses"] != before["losses"]
   assert (w / "superseded" / "dit" / "sweep").is_dir()
   # So is a sweep whose run changed (here GRASP's rank): it leaves the report's provenance.
-  assert after["config_sha"] == study.sweep_sha(s, "dit", "grasp")
+  assert after["config_sha"] == study_configs.sweep_sha(s, "dit", "grasp")
   s.runs.dit.grasp.method.rank += 1
   assert "grasp" not in report.provenance(study.collect(s, str(ledger)), s,
                                           str(ledger))["lr_sweep"]["dit"]

@@ -27,7 +27,7 @@ from grasp_jax.evaluation import gradient_conflict
 from grasp_jax.evaluation import intervals
 from grasp_jax.evaluation import plots
 from grasp_jax.inference import generate
-from grasp_jax.run import study as study_lib
+from grasp_jax.run import study_configs
 
 # (block, metric, higher is better) reported per group.
 METRICS = (("domain", "fd", False), ("domain", "kid", False), ("domain", "precision", True),
@@ -210,7 +210,7 @@ def provenance(records, study, ledger):
   final = _final(any_run)
   # Sweeps made under another config are stale (redone when their family comes up).
   sweeps = {b: {fam: e for fam, e in files.read_json(p).items() if fam in study.lr_grid
-                and e.get("config_sha") == study_lib.sweep_sha(study, b, fam)}
+                and e.get("config_sha") == study_configs.sweep_sha(study, b, fam)}
             for b in study.backbones
             if os.path.exists(p := os.path.join(ledger, b, "sweep.json"))}
   return {"commit": commit, "target": {"builder": "fashion_mnist_lt", "configs":

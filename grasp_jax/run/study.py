@@ -22,8 +22,6 @@ LEDGER/<backbone>/<target>/alignment.json; (5) the report (grasp_jax/run/report.
 Finished pieces are skipped; a half-done run restarts from its last checkpoint in WORKDIR.
 """
 import glob
-import hashlib
-import json
 import os
 import shutil
 import time
@@ -38,6 +36,7 @@ import numpy as np
 from grasp_jax import files
 from grasp_jax.run import lock
 from grasp_jax.run import setup
+from grasp_jax.run import study_configs
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/study.py", "The study config (runs[backbone]"
@@ -72,11 +71,6 @@ def plan(study, runs=None):
   return out
 
 
-def family(config):
-  """The learning-rate family of a run: its method."""
-  return config.method.name
-
-
 def trainable_count(trainer):
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(trainer.state.params)))
 
@@ -92,27 +86,6 @@ def validation_loss(exp, trainer):
     return float(np.mean([loss(params, b, jax.random.key(i)) for i, b in enumerate(batches)]))
 
 
-def sweep_config(study, backbone, fam, base, lr):
-  """The config of one sweep run: the family's plain run on the headline target, `lr`,
-  `sweep_steps` steps, its loss measured on the validation split."""
-  config = _representative(study, backbone, fam).copy_and_resolve_references()
-  with config.unlocked():
-    config.model.pretrained = base
-    config.data.config = study.targets[0]
-    config.partition.healthy = study.healthy[study.targets[0]]
-    config.data.eval_split = "val"
-    config.optim.learning_rate = float(lr)
-    config.train.steps = int(study.sweep_steps)
-    config.train.checkpoint_every = config.train.steps
-    config.eval.every = config.train.sample_every = config.train.diagnostics_every = 0
-  return config
-
-
-def sweep_sha(study, backbone, fam):
-  """The config hash a family's sweep is valid under (its sweep config, the rate aside)."""
-  return config_sha(sweep_config(study, backbone, fam, "", 0.0))
-
-
 def sweep(study, workdir, ledger, backbone, base, families):
   """{family: {"lr": chosen, "steps": sweep_steps, "config_sha", "losses": {lr: loss}}} of
   `families`: LEDGER/<backbone>/sweep.json, resumable; a family swept under another config (its
@@ -124,7 +97,7 @@ def sweep(study, workdir, ledger, backbone, base, families):
   done = files.read_json(path) if os.path.exists(path) else {}
   for fam in sorted(families):
     rates = study.lr_grid[fam]
-    entry, sha = done.get(fam), sweep_sha(study, backbone, fam)
+    entry, sha = done.get(fam), study_configs.sweep_sha(study, backbone, fam)
     if entry is not None and entry.get("config_sha") != sha:
       logging.warning("sweep %s %s: measured under another config (run or steps): redone",
                       backbone, fam)
@@ -134,10 +107,10 @@ def sweep(study, workdir, ledger, backbone, base, families):
     for lr in rates:
       if str(lr) in entry["losses"]:
         continue
-      config = sweep_config(study, backbone, fam, base, lr)
+      config = study_configs.sweep_config(study, backbone, fam, base, lr)
       run_dir = os.path.join(workdir, backbone, "sweep", f"{fam}_lr{lr}")
       setup.validate_config(config)
-      if _other_config(run_dir, config_sha(config)):
+      if _other_config(run_dir, study_configs.config_sha(config)):
         supersede(workdir, run_dir)
       with lock.hold(run_dir):
         setup.write_config(config, run_dir)
@@ -148,35 +121,6 @@ def sweep(study, workdir, ledger, backbone, base, families):
       entry["lr"] = float(min(entry["losses"], key=entry["losses"].get))
       files.write_json(path, done)
   return done
-
-
-def _representative(study, backbone, fam):
-  """The plain run of a method family (the sweep trains it)."""
-  runs = study.runs[backbone]
-  return runs[fam] if fam in runs else next(c for c in runs.values() if family(c) == fam)
-
-
-def config_sha(config):
-  """sha256 of a run's config (a ConfigDict or its JSON as a dict) without the two fields that
-  name places in the study's workdir (the base's folder, the evaluation cache), so that a moved
-  workdir keeps its runs."""
-  tree = config if isinstance(config, dict) else json.loads(config.to_json_best_effort())
-  tree = {**tree, "model": {**tree["model"], "pretrained": ""},
-          "eval": {**tree["eval"], "cache_dir": ""}}
-  return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()
-
-
-def run_config(study, workdir, backbone, target, run, seed, base, lr):
-  """The config of one run of the study: its entry in the study config, placed."""
-  config = study.runs[backbone][run].copy_and_resolve_references()
-  with config.unlocked():
-    config.seed = seed
-    config.data.config = target
-    config.partition.healthy = study.healthy[target]
-    config.model.pretrained = base
-    config.optim.learning_rate = lr
-    config.eval.cache_dir = os.path.join(workdir, "cache")
-  return config
 
 
 def run_one(study, workdir, ledger, backbone, target, run, seed, base, lrs):
@@ -191,10 +135,10 @@ def run_one(study, workdir, ledger, backbone, target, run, seed, base, lrs):
   from grasp_jax.run import stages  # pylint: disable=g-import-not-at-top
   rel = os.path.join(backbone, target, run, f"seed{seed}")
   run_dir, kept = os.path.join(workdir, rel), os.path.join(ledger, rel)
-  config = run_config(study, workdir, backbone, target, run, seed, base,
-                      lrs[family(study.runs[backbone][run])]["lr"])
+  lr = lrs[study_configs.family(study.runs[backbone][run])]["lr"]
+  config = study_configs.run_config(study, workdir, backbone, target, run, seed, base, lr)
   setup.validate_config(config)
-  sha = config_sha(config)
+  sha = study_configs.config_sha(config)
   for folder in (kept, run_dir):  # A run finished in WORKDIR but not yet kept is kept now.
     record = _record(folder)
     if record is not None and record.get("config_sha") == sha and _groups_current(
@@ -296,7 +240,7 @@ def _other_config(run_dir, sha):
   """Whether run_dir was ever run under a config other than `sha`'s: its config.json, or an
   earlier one setup.write_config kept as config.<n>.json (a run interrupted after its config
   was rewritten still holds the other config's checkpoints)."""
-  return any(config_sha(files.read_json(p)) != sha
+  return any(study_configs.config_sha(files.read_json(p)) != sha
              for p in glob.glob(os.path.join(run_dir, "config*.json")))
 
 
@@ -337,9 +281,10 @@ def collect(study, ledger):
   for path in sorted(glob.glob(os.path.join(ledger, "*", "*", "*", "seed*", RECORD))):
     r = files.read_json(path)
     current = r["run"] in study.runs.get(r["backbone"], {}) and r["target"] in study.targets
-    if current and r.get("config_sha") == config_sha(run_config(
-        study, "", r["backbone"], r["target"], r["run"], r["seed"], "", r["lr"])) and (
-            _groups_current(study, r, os.path.dirname(path))):
+    config = study_configs.run_config(study, "", r["backbone"], r["target"], r["run"],
+                                      r["seed"], "", r["lr"]) if current else None
+    if current and r.get("config_sha") == study_configs.config_sha(config) and (
+        _groups_current(study, r, os.path.dirname(path))):
       out.append(r)
     else:
       stale.append(os.path.dirname(path))
@@ -373,9 +318,9 @@ def main(argv):
       with lock.hold(os.path.join(FLAGS.workdir, backbone)):
         bases[backbone] = pretrain.pretrain_base(config, os.path.join(FLAGS.workdir, backbone))
     # Each family's rate is swept when its first run comes up (headline runs start sooner).
-    fam = family(study.runs[backbone][run])
+    fam = study_configs.family(study.runs[backbone][run])
     swept = lrs.get(backbone, {}).get(fam, {})
-    if swept.get("config_sha") != sweep_sha(study, backbone, fam) or any(
+    if swept.get("config_sha") != study_configs.sweep_sha(study, backbone, fam) or any(
         str(lr) not in swept["losses"] for lr in study.lr_grid[fam]):
       with lock.hold(os.path.join(FLAGS.workdir, backbone)):
         lrs[backbone] = sweep(study, FLAGS.workdir, FLAGS.ledger, backbone, bases[backbone],
