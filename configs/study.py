@@ -74,7 +74,9 @@ def get_config(arg=None):
   study.seeded = SEEDED
   study.lr_grid = {k: (v[1],) if arg.smoke else tuple(v) for k, v in LR_GRID.items()}
   study.sweep_steps = 4 if arg.smoke else STEPS // 2  # Steps of each sweep run.
-  study.compare_to = "grasp"  # Paired verdicts: this run against every other run.
+  study.compare_to = "grasp"  # Paired verdicts: this run against every other run,
+  # and these pairs: GRASP against full fine-tuning when both sample cluster-balanced.
+  study.extra_pairs = (("grasp_balanced", "full_balanced"),)
   # FD's paired bootstrap recomputes two matrix square roots per draw (~2 min per pair on 1,000
   # samples on 2 cores): FD is reported per run with its interval, KID carries the verdict.
   study.verdict_metrics = ("coverage", "kid", "conditional_accuracy", "memorization", "irs")

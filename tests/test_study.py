@@ -172,11 +172,23 @@ def test_study_smoke_end_to_end(tmp_path, monkeypatch):
   assert "| grasp |" in doc.read_text() and data["replication"] == {}
   # The ledger alone makes the report: the same from a copy of it, with no workdir.
   shutil.copytree(ledger, tmp_path / "clone")
+  # With an extra pair (two runs neither of which is `compare_to`): the same verdicts, then its.
   s = study_config.get_config("smoke,seeds=1")
+  s.extra_pairs = (("shared", "base"),)
   report.write(study.collect(s, str(tmp_path / "clone")), s, str(tmp_path / "clone"),
                str(tmp_path / "again.json"), str(tmp_path / "again.md"))
   again = json.loads((tmp_path / "again.json").read_text())
-  assert (again["runs"], again["verdicts"]) == (data["runs"], data["verdicts"])
+  extra = [v for v in again["verdicts"] if v["a"] == "shared"]
+  assert again["runs"] == data["runs"] and again["verdicts"][:len(data["verdicts"])] == \
+      data["verdicts"] and len(extra) == len(again["verdicts"]) - len(data["verdicts"])
+  assert {v["b"] for v in extra} == {"base"} and {v["metric"] for v in extra} >= {"coverage"}
+  base_kid = lambda a: next(v for v in again["verdicts"] if (v["a"], v["b"], v["metric"],
+                            v["group"]) == (a, "base", "kid", "frequency/tail"))
+  # Paired over the same images, the differences chain: (grasp - base) - (shared - base).
+  assert base_kid("grasp")["diff"] - base_kid("shared")["diff"] == pytest.approx(
+      next(v["diff"] for v in data["verdicts"] if (v["b"], v["metric"], v["group"]) ==
+           ("shared", "kid", "frequency/tail")), rel=1e-5, abs=1e-6)
+  assert "`shared` vs `base`" in (tmp_path / "again.md").read_text()
   kept = {p.relative_to(ledger / "dit" / "target_small" / "grasp" / "seed0").parts[0]
           for p in (ledger / "dit" / "target_small" / "grasp" / "seed0").rglob("*")}
   assert kept == {"study_run.json", "eval", "diagnostics", "partition.json", "samples"}
@@ -191,7 +203,7 @@ def test_study_smoke_end_to_end(tmp_path, monkeypatch):
     path.write_text(json.dumps({**r, "config_sha": study_configs.config_sha(config)}))
   report.write(study.collect(s, str(ledger)), s, str(ledger), str(out), str(doc))
   copy = json.loads(out.read_text())["replication"]["target_copy"]
-  assert copy["runs"] == data["runs"] and copy["verdicts"] == data["verdicts"]
+  assert copy["runs"] == data["runs"] and copy["verdicts"] == again["verdicts"]
   assert "Replication on `target_copy`" in doc.read_text()
   # A changed config (here GRASP's sampler) makes GRASP's finished runs stale: they leave the
   # report, and the next study run removes them from the ledger, moves their run dir to

@@ -8,7 +8,7 @@ over seeds, with mean +- 1.96 * sqrt(var_seeds / n + mean (se_within^2) / n), se
 each seed's 95% interval (a normal approximation that counts both the seed-to-seed and the
 image-level noise). Floors: the real-vs-real value of every metric (the evaluation's held-out
 real twin against the same reference, at the samples' N). Verdicts: `compare_to` against every
-other run, per group and metric, from the paired bootstrap over images
+other run and the config's `extra_pairs` (`pairs`), per group and metric, from the paired bootstrap over images
 (grasp_jax.evaluation.compare) at matched seeds, combined over seeds as above; `better` /
 `worse` only when the interval excludes 0.
 """
@@ -148,34 +148,40 @@ def aggregate(records, study, ledger, target=None):
   return runs, floors
 
 
+def pairs(study):
+  """The (a, b) run pairs given verdicts: `compare_to` against every other run, then the
+  config's `extra_pairs`."""
+  return ([(study.compare_to, r) for r in study.run_order if r != study.compare_to]
+          + [tuple(p) for p in study.extra_pairs])
+
+
 def verdicts(records, study, ledger, target=None):
-  """Paired verdicts `compare_to` vs every other run (module docstring) on `target` (default:
-  the headline target)."""
+  """Paired verdicts a vs b of every `pairs` pair trained at matched seeds (module docstring)
+  on `target` (default: the headline target)."""
   out = []
   target = target or study.targets[0]
   by_run = _by([r for r in records if r["target"] == target], "backbone", "run")
   directions = dict(compare.DIRECTION)
-  for (backbone, run), rs in sorted(by_run.items()):
-    ref = {r["seed"]: r for r in by_run.get((backbone, study.compare_to), [])}
-    pairs = [(ref[r["seed"]], r) for r in rs if r["seed"] in ref]
-    if run == study.compare_to or not pairs:
-      continue
-    for group in GROUPS:
-      for metric in study.verdict_metrics:
-        if metric in UNPAIRED:
-          c = combine([_unpaired(a, b, metric, group) for a, b in pairs])
-          decided = c["n"] >= 2  # One seed: its interval ignores the seed-to-seed spread.
-        else:
-          diffs = [compare.paired(_dir(ledger, a), _dir(ledger, b), metric, group,
-                                  n_boot=study.verdict_boot) for a, b in pairs]
-          c = combine([{"value": d["diff"], "lo": d["lo"], "hi": d["hi"]} for d in diffs])
-          decided = True
-        direction = UNPAIRED.get(metric, directions.get(metric))
-        out.append({"backbone": backbone, "a": study.compare_to, "b": run, "group": group,
-                    "metric": metric, "diff": c["mean"], "lo": c["lo"], "hi": c["hi"],
-                    "seeds": len(pairs), "paired": metric not in UNPAIRED,
-                    "verdict": intervals.verdict(c["lo"], c["hi"], direction)
-                    if decided and c["mean"] is not None else "inconclusive"})
+  for backbone in sorted({b for b, _ in by_run}):
+    for a_run, b_run in pairs(study):
+      ref = {r["seed"]: r for r in by_run.get((backbone, a_run), [])}
+      matched = [(ref[r["seed"]], r) for r in by_run.get((backbone, b_run), []) if r["seed"] in ref]
+      for group in GROUPS if matched else ():
+        for metric in study.verdict_metrics:
+          if metric in UNPAIRED:
+            c = combine([_unpaired(a, b, metric, group) for a, b in matched])
+            decided = c["n"] >= 2  # One seed: its interval ignores the seed-to-seed spread.
+          else:
+            diffs = [compare.paired(_dir(ledger, a), _dir(ledger, b), metric, group,
+                                    n_boot=study.verdict_boot) for a, b in matched]
+            c = combine([{"value": d["diff"], "lo": d["lo"], "hi": d["hi"]} for d in diffs])
+            decided = True
+          direction = UNPAIRED.get(metric, directions.get(metric))
+          out.append({"backbone": backbone, "a": a_run, "b": b_run, "group": group,
+                      "metric": metric, "diff": c["mean"], "lo": c["lo"], "hi": c["hi"],
+                      "seeds": len(matched), "paired": metric not in UNPAIRED,
+                      "verdict": intervals.verdict(c["lo"], c["hi"], direction)
+                      if decided and c["mean"] is not None else "inconclusive"})
   return out
 
 
@@ -259,20 +265,20 @@ def alignment(study, ledger):
 
 
 def summary(data, study):
-  """The report's generated summary: per backbone, `compare_to` against every other run
-  on the tail group, from the verdicts (which metrics it wins, loses, cannot tell)."""
+  """The report's generated summary: per backbone and `pairs` pair, on the tail group, from
+  the verdicts (which metrics a wins, loses, cannot tell against b)."""
   lines = []
-  for backbone, table in data["runs"].items():
-    for run in [r for r in study.run_order if r in table and r != study.compare_to]:
-      vs = [v for v in data["verdicts"] if (v["backbone"], v["b"], v["group"]) ==
-            (backbone, run, "frequency/tail")]
+  for backbone in data["runs"]:
+    for a, b in pairs(study):
+      vs = [v for v in data["verdicts"] if (v["backbone"], v["a"], v["b"], v["group"]) ==
+            (backbone, a, b, "frequency/tail")]
       if not vs:
         continue
       by = collections.defaultdict(list)
       for v in vs:
         by[v["verdict"]].append(v["metric"])
       seeds = max(v["seeds"] for v in vs)
-      lines.append(f"- {backbone}, tail group, `{study.compare_to}` vs `{run}` ({seeds} matched "
+      lines.append(f"- {backbone}, tail group, `{a}` vs `{b}` ({seeds} matched "
                    f"seed{'s' if seeds > 1 else ''}): better on {_names(by['better'])}; worse on "
                    f"{_names(by['worse'])}; cannot tell on {_names(by['inconclusive'])}.")
   return lines
@@ -371,16 +377,16 @@ def write(records, study, ledger, out_path, doc_path):
           "–" if a[name][k] is None else f"{a[name][k]:{f}}"
           for k, f in (("intra_pooled", ".3f"), ("inter", ".3f"), ("gap", "+.3f"))) + " |")
     lines.append("")
-  counts = collections.Counter((v["b"], v["verdict"]) for v in data["verdicts"]
+  counts = collections.Counter((v["a"], v["b"], v["verdict"]) for v in data["verdicts"]
                                if v["group"] == "frequency/tail")
   lines += ["## Paired verdicts on the tail group", "",
-            f"`{study.compare_to}` against each run: better / worse / inconclusive over "
+            "a against b: better / worse / inconclusive over "
             f"{', '.join(study.verdict_metrics)} (paired bootstrap over images at matched seeds; "
             "IRS unpaired, decided only with >= 2 seeds).", "",
-            "| run | better | worse | inconclusive |", "|---|---|---|---|"]
-  for run in sorted({v["b"] for v in data["verdicts"]}):
-    lines.append(f"| {run} | {counts[(run, 'better')]} | {counts[(run, 'worse')]} | "
-                 f"{counts[(run, 'inconclusive')]} |")
+            "| a | b | better | worse | inconclusive |", "|---|---|---|---|---|"]
+  for a, b in dict.fromkeys((v["a"], v["b"]) for v in data["verdicts"]):
+    lines.append(f"| {a} | {b} | {counts[(a, b, 'better')]} | {counts[(a, b, 'worse')]} | "
+                 f"{counts[(a, b, 'inconclusive')]} |")
   if prov["lr_sweep"]:
     lines += ["", "## Learning-rate sweep", "",
               "Validation loss on the target's class-balanced validation split after the sweep's "
